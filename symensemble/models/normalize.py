@@ -1,0 +1,25 @@
+"""Per-channel input normalization as the model's first layer, so models take [0, 1] images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """(x − mean) / std per channel; buffers move with the model and are saved with it."""
+
+    def __init__(self, mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:
+            raise ValueError(
+                f"expected images of shape (B, {self.mean.shape[1]}, H, W), got {tuple(x.shape)}"
+            )
+        return (x - self.mean) / self.std
