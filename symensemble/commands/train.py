@@ -1,0 +1,64 @@
+"""``symensemble train``: train a CIFAR-10 model from a TOML recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..recipe import RecipeError, load_recipe
+
+
+@click.command("train", short_help="Train a CIFAR-10 model from a recipe.")
+@click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="TOML recipe (see recipes/).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
+                   "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
+@click.option("--download", is_flag=True, help="Let torchvision download CIFAR-10 into --data.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
+@click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override the learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the batch size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Training device.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint path (.safetensors) [default: runs/<model>-<act>-h<h>-seed<s>.safetensors].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run at --out.")
+@click.option("--record-q", is_flag=True, help="Record the head's conserved quantities Q every epoch.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | None, seed: int | None,
+            lr: float | None, batch_size: int | None, device: str, out: Path | None, resume: bool,
+            record_q: bool, quiet: bool) -> None:
+    """Train the model described by --recipe; options override recipe values.
+
+    The checkpoint is written atomically after every epoch, metrics to <out>.log.json.
+    """
+    from ..train import train
+
+    try:
+        recipe = load_recipe(recipe_path).replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
+    except RecipeError as err:
+        raise click.BadParameter(str(err), param_hint="--recipe") from None
+    if out is not None and out.suffix != ".safetensors":
+        raise click.BadParameter(f"must end in .safetensors, got {str(out)!r}", param_hint="--out")
+    callbacks = []
+    if record_q:
+        from ..diagnostics import QRecorder
+
+        callbacks.append(QRecorder())
+    try:
+        result = train(recipe, data=data, out=out, device=device, resume=resume, download=download,
+                       callbacks=callbacks, progress=not quiet)
+    except DataError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+    except CheckpointError as err:
+        raise click.UsageError(str(err)) from None
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    final = result.history[-1] if result.history else {}
+    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"metrics:    {result.log_path}")
+    if final:
+        click.echo(f"test accuracy {final['test_accuracy']:.4f}  val accuracy {final['val_accuracy']:.4f}")

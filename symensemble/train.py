@@ -1,0 +1,279 @@
+"""One readable training loop driven by a :class:`~symensemble.recipe.Recipe`.
+
+Data live on the training device as uint8 tensors; each epoch draws its shuffling and
+augmentation from a generator seeded by (seed, epoch), so a run interrupted after epoch k and
+resumed with ``resume=True`` ends with the same weights as an uninterrupted run. A checkpoint
+(weights + optimizer state) is written atomically after every epoch, and per-epoch metrics go
+to ``<out stem>.log.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    git_revision,
+    read_checkpoint,
+    save_checkpoint,
+    split_train_state,
+)
+from .data import CIFAR10, Split, iterate_batches, load_cifar10
+from .models import SymModel, create_model
+from .recipe import Recipe
+
+__all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "Callback"]
+
+log = logging.getLogger(__name__)
+
+#: ``callback(model, epoch, metrics)`` runs after each epoch; it may add JSON-serializable
+#: entries to ``metrics`` (they are logged with the epoch).
+Callback = Callable[[SymModel, int, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    model: SymModel
+    history: list[dict[str, Any]]
+    checkpoint: Path
+    log_path: Path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None → CUDA when available else CPU; refuses CUDA when there is none."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # One stream per epoch: resuming at an epoch boundary replays exactly the same batches.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) for the recipe's schedule."""
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    if recipe.schedule == "constant":
+        return 1.0
+    if recipe.schedule == "cosine":
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    # onecycle: linear rise from 0.1x to 1x over `warmup`, then linear decay to 0.
+    if step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def _build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                               nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+
+
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state dict into tensors (safetensors) and a JSON-able remainder."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int = 1000,
+                   amp: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on a split (already on the model's device)."""
+    if len(split) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
+    for x, y in iterate_batches(split, batch_size):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    return {"loss": loss.item() / len(split), "accuracy": correct.item() / len(split)}
+
+
+def _train_epoch(
+    model: SymModel, opt: torch.optim.Optimizer, train: Split, recipe: Recipe, epoch: int,
+    steps_per_epoch: int, progress: bool,
+) -> dict[str, float]:
+    model.train()
+    gen = _epoch_generator(recipe.seed, epoch)
+    torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # dropout etc. inside the model
+    total_steps = steps_per_epoch * recipe.epochs
+    amp = recipe.amp and train.images.device.type == "cuda"
+    loss_sum = torch.zeros((), device=train.images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=train.images.device)
+    seen = 0
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for i, (x, y) in enumerate(iterate_batches(train, recipe.batch_size, shuffle=True,
+                                               augment=recipe.augment, generator=gen)):
+        factor = _lr_factor(recipe, epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * factor
+        if recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+        bar.update(1)
+        if progress and (i % 100 == 0 or i == steps_per_epoch - 1):
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    bar.close()
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1)}
+
+
+def _default_out(recipe: Recipe) -> Path:
+    return Path("runs") / f"{recipe.model}-{recipe.act}-h{recipe.hidden}-seed{recipe.seed}.safetensors"
+
+
+def train(
+    recipe: Recipe,
+    *,
+    data: CIFAR10 | str | Path | None = None,
+    out: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    resume: bool = False,
+    callbacks: Iterable[Callback] = (),
+    progress: bool = True,
+    download: bool = False,
+) -> TrainResult:
+    """Train ``recipe`` on CIFAR-10, checkpointing every epoch.
+
+    Args:
+        recipe: the resolved training recipe.
+        data: a loaded :class:`CIFAR10`, or a source for :func:`load_cifar10` (None = default).
+        out: checkpoint path (``.safetensors``); default ``runs/<model>-<act>-h<h>-seed<s>.safetensors``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        resume: continue from the checkpoint at ``out`` (same recipe required).
+        callbacks: called as ``cb(model, epoch, metrics)`` after each epoch.
+        progress: show tqdm bars.
+        download: allow torchvision to download CIFAR-10.
+
+    Returns:
+        The trained model, the per-epoch history and the paths written.
+    """
+    dev = resolve_device(device)
+    out = Path(out) if out is not None else _default_out(recipe)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must be a .safetensors path, got {str(out)!r}")
+    log_path = out.with_name(out.stem + ".log.json")
+    if not isinstance(data, CIFAR10):
+        data = load_cifar10(data, download=download, val_size=recipe.val_size, seed=recipe.seed)
+    train_split, val, test = data.train.to(dev), data.val.to(dev), data.test.to(dev)
+
+    torch.manual_seed(recipe.seed)
+    model = create_model(recipe.model, **recipe.model_config()).to(dev)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = _build_optimizer(model, recipe)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        start_epoch, history = _restore(out, log_path, model, opt, recipe, dev)
+
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    header = {"recipe": recipe.to_dict(), "data_source": data.source, "device": str(dev),
+              "git_revision": git_revision(), "torch_version": torch.__version__}
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {"epoch": epoch + 1}
+        metrics.update(_train_epoch(model, opt, train_split, recipe, epoch, steps_per_epoch, progress))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        metrics["train_seconds"] = time.perf_counter() - t0
+        amp = recipe.amp and dev.type == "cuda"
+        for name, split in (("val", val), ("test", test)):
+            result = evaluate_split(model, split, recipe.eval_batch_size, amp)
+            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = result["loss"], result["accuracy"]
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        for cb in callbacks:
+            cb(model, epoch, metrics)
+        history.append(metrics)
+        last = epoch + 1 == recipe.epochs
+        opt_tensors, opt_meta = _optimizer_to_tensors(opt)
+        save_checkpoint(
+            model, out, recipe=recipe.to_dict(), epoch=epoch + 1, metrics=metrics,
+            data_source=data.source,
+            train_state=None if last else opt_tensors,
+            extra={"optimizer": None if last else opt_meta, "complete": last},
+        )
+        atomic_write_text(log_path, json.dumps({**header, "epochs": history}, indent=2))
+        log.info("epoch %d: %s", epoch + 1, metrics)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}/{recipe.epochs}  train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_accuracy']:.4f}  val acc {metrics['val_accuracy']:.4f}  "
+                f"test acc {metrics['test_accuracy']:.4f}  ({metrics['epoch_seconds']:.1f} s)"
+            )
+    model.eval()
+    return TrainResult(model, history, out, log_path)
+
+
+def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimizer,
+             recipe: Recipe, dev: torch.device) -> tuple[int, list[dict[str, Any]]]:
+    """Load weights, optimizer state and history of an interrupted run at ``out``."""
+    if not out.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {out} to resume from")
+    tensors, info = read_checkpoint(out)
+    if info["recipe"] != recipe.to_dict():
+        diff = sorted(k for k in recipe.to_dict() if info["recipe"].get(k) != recipe.to_dict()[k])
+        raise CheckpointError(f"--resume: {out} was trained with a different recipe (differs in {diff})")
+    if info["extra"].get("complete"):
+        raise CheckpointError(f"--resume: {out} is a finished run ({info['epoch']} epochs); nothing to resume")
+    state, train_state = split_train_state(tensors)
+    model.load_state_dict(state)
+    _optimizer_from_tensors(opt, {k: v.to(dev) for k, v in train_state.items()}, info["extra"]["optimizer"])
+    history: list[dict[str, Any]] = []
+    if log_path.is_file():
+        history = json.loads(log_path.read_text())["epochs"][: info["epoch"]]
+    log.info("resuming %s after epoch %d", out, info["epoch"])
+    return int(info["epoch"]), history
