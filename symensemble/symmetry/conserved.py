@@ -1,0 +1,396 @@
+"""Conserved quantities of gradient flow (paper §5, App. C.8–C.9, E.2–F, G.1).
+
+* :func:`q_m` — Q_M(θ) = ⟨θ, M·θ⟩ for M in the Lie algebra (Proposition 5.1).
+* :func:`imbalance` — per hidden layer the matrix μ_i = W_i W_iᵀ + b_i b_iᵀ − W_{i+1}ᵀ W_{i+1}
+  (App. C.9.1); every entry is conserved for a linear network (Example 5.2).
+* :func:`homogeneous_q` — the α-weighted diagonal
+  diag(W_i W_iᵀ + b_i b_iᵀ) − α diag(W_{i+1}ᵀ W_{i+1}), conserved by homogeneous activations
+  (Example 5.3, App. C.9.3).
+* :func:`conserved_quantities` — whichever of the above the activations admit, per layer.
+* :func:`elementwise_q` — Q = ½ Tr UᵀU − Σ ∫₀^{V_aj} σ/σ′ (eq. 47) for the two-layer network
+  F = U σ(V) with whitened input, any pointwise σ (closed form or Gauss–Legendre quadrature).
+* :func:`angular_momentum` — ν_i of Theorem 5.2 / App. C.9.5, zero along gradient flow of a
+  radial (or linear) network.
+* :class:`TwistedQ` and :meth:`TwistedQ.transformed` — the change of Q under the group,
+  Q_M(g·θ) = Q_{gᵀMg}(θ) (§5; exactly so for orthogonal g, in twisted form otherwise).
+
+All functions take and return tensors; they are differentiable and keep the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .activations import Activation, create_activation
+from .linear import LinearSymmetry, StackParams, group_kind_for_activation
+
+__all__ = [
+    "q_m",
+    "imbalance",
+    "homogeneous_q",
+    "conserved_quantities",
+    "total_q",
+    "antiderivative_sigma_over_dsigma",
+    "elementwise_q",
+    "elementwise_q_terms",
+    "angular_momentum",
+    "angular_momentum_residual",
+    "TwistedQ",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear actions: Q_M and its per-layer forms
+# ----------------------------------------------------------------------------------------------
+
+
+def q_m(params: StackParams, M: Sequence[torch.Tensor], symmetry: LinearSymmetry) -> torch.Tensor:
+    """Q_M(θ) = ⟨θ, M·θ⟩ (Proposition 5.1); conserved by gradient flow for symmetric M ∈ 𝔤.
+
+    For antisymmetric M (𝔰𝔬_h) it is identically zero; use :func:`angular_momentum` instead.
+
+    Args:
+        params: θ.
+        M: one (h_i, h_i) matrix per hidden layer, an element of the Lie algebra of ``symmetry``.
+        symmetry: the group acting on θ.
+
+    Returns:
+        A scalar tensor.
+    """
+    return params.inner(symmetry.infinitesimal(M, params))
+
+
+def _gram_terms(params: StackParams, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_i W_iᵀ + b_i b_iᵀ, W_{i+1}ᵀ W_{i+1}) for hidden layer i (0-based)."""
+    W, b, W_next = params.weights[i], params.biases[i], params.weights[i + 1]
+    inner = W @ W.T
+    if b is not None:
+        inner = inner + torch.outer(b, b)
+    return inner, W_next.T @ W_next
+
+
+def imbalance(params: StackParams) -> tuple[torch.Tensor, ...]:
+    """μ_i = W_i W_iᵀ + b_i b_iᵀ − W_{i+1}ᵀ W_{i+1} for each hidden layer (App. C.9.1).
+
+    For a linear network every entry of every μ_i is conserved, and
+    Q_M = Σ_i Tr(μ_i M_i) for symmetric M (Example 5.2).
+
+    Shape:
+        one (n_i, n_i) matrix per hidden layer i = 1 … L−1.
+    """
+    if params.num_layers < 2:
+        raise ValueError("a stack needs at least two layers to have a hidden layer")
+    return tuple(a - b for a, b in (_gram_terms(params, i) for i in range(params.num_layers - 1)))
+
+
+def homogeneous_q(
+    params: StackParams, alphas: float | Sequence[float] = 1.0
+) -> tuple[torch.Tensor, ...]:
+    """Q_k = |row_k W_i|² + b_{i,k}² − α |col_k W_{i+1}|² per hidden unit (Example 5.3, C.9.3).
+
+    These are Q_{E_kk} = ⟨θ, E_kk·θ⟩ for the positive scaling group with π(g) = g^α.
+
+    Args:
+        params: θ.
+        alphas: homogeneity degree α per hidden layer (or one for all).
+
+    Shape:
+        one (n_i,) vector per hidden layer.
+    """
+    L = params.num_layers
+    if L < 2:
+        raise ValueError("a stack needs at least two layers to have a hidden layer")
+    alphas = (
+        [float(alphas)] * (L - 1)
+        if isinstance(alphas, (int, float))
+        else [float(a) for a in alphas]
+    )
+    if len(alphas) != L - 1:
+        raise ValueError(f"got {len(alphas)} alphas for {L - 1} hidden layers")
+    out = []
+    for i, alpha in enumerate(alphas):
+        W, b, W_next = params.weights[i], params.biases[i], params.weights[i + 1]
+        q = W.square().sum(1) - alpha * W_next.square().sum(0)
+        if b is not None:
+            q = q + b.square()
+        out.append(q)
+    return tuple(out)
+
+
+def conserved_quantities(
+    params: StackParams, activations: Sequence[Activation | str]
+) -> tuple[torch.Tensor | None, ...]:
+    """The conserved quantity of each hidden layer that its activation admits.
+
+    * identity → the full matrix μ_i (n_i, n_i) (every entry conserved, GL_h);
+    * homogeneous of degree α → the vector of :func:`homogeneous_q` (n_i,);
+    * radial → ``None``: 𝔰𝔬_h has no symmetric elements, so there is no Q_M; the conserved
+      structure is the angular momentum of :func:`angular_momentum`.
+
+    Raises:
+        ValueError: an activation without a continuous linear symmetry (sigmoid, tanh, …).
+    """
+    acts = [create_activation(a) for a in activations]
+    if len(acts) != params.num_layers - 1:
+        raise ValueError(f"got {len(acts)} activations for {params.num_layers - 1} hidden layers")
+    out: list[torch.Tensor | None] = []
+    for i, act in enumerate(acts):
+        try:
+            kind, alpha = group_kind_for_activation(act)
+        except ValueError as err:
+            raise ValueError(f"hidden layer {i + 1}: {err}") from None
+        if kind == "gl":
+            a, b = _gram_terms(params, i)
+            out.append(a - b)
+        elif kind == "scaling":
+            W, bias, W_next = params.weights[i], params.biases[i], params.weights[i + 1]
+            q = W.square().sum(1) - alpha * W_next.square().sum(0)
+            out.append(q if bias is None else q + bias.square())
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def total_q(params: StackParams, alphas: float | Sequence[float] = 1.0) -> torch.Tensor:
+    """Σ_i Σ_k Q_k^{(i)} = Q_M for M = (I, …, I): the sum of :func:`homogeneous_q`.
+
+    Conserved for linear and homogeneous networks; with α = 1 it equals Σ_i Tr μ_i (the
+    layer imbalance ‖W_i‖² + ‖b_i‖² − ‖W_{i+1}‖² of Du et al., 2018).
+    """
+    return torch.stack([q.sum() for q in homogeneous_q(params, alphas)]).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise Q (eq. 47) for any pointwise activation
+# ----------------------------------------------------------------------------------------------
+
+_GL_NODES: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _gauss_legendre(
+    n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss–Legendre nodes and weights on [0, 1] (Golub–Welsch)."""
+    key = (n, dtype)
+    if key not in _GL_NODES:
+        k = torch.arange(1, n, dtype=torch.float64)
+        beta = k / torch.sqrt(4 * k * k - 1)
+        J = torch.diag(beta, 1) + torch.diag(beta, -1)
+        x, vecs = torch.linalg.eigh(J)
+        w = 2 * vecs[0] ** 2
+        _GL_NODES[key] = (((x + 1) / 2).to(dtype), (w / 2).to(dtype))
+    t, w = _GL_NODES[key]
+    return t.to(device), w.to(device)
+
+
+def _closed_form(act: Activation) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """F(v) = ∫₀^v σ(x)/σ′(x) dx in closed form, where known."""
+    name = act.name
+    slope = getattr(act, "negative_slope", 0.0)
+    if name == "identity" or (name == "leaky_relu" and slope > 0):
+        # σ/σ′ = x on both sides (the slope s cancels)
+        return lambda v: 0.5 * v.square()
+    if name in ("relu", "leaky_relu"):
+        # σ/σ′ = x for x > 0; for x < 0 the unit is dead (σ′ = 0, its entry never moves), and the
+        # integral is taken as 0 there (the convention of the paper's code).
+        return lambda v: 0.5 * torch.relu(v).square()
+    if name == "tanh":
+        # σ/σ′ = tanh x cosh² x = sinh x cosh x  →  ½ sinh² v
+        return lambda v: 0.5 * torch.sinh(v).square()
+    if name == "sigmoid":
+        # σ/σ′ = 1/(1 − σ) = 1 + eˣ  →  v + eᵛ − 1
+        return lambda v: v + torch.expm1(v)
+    return None
+
+
+def antiderivative_sigma_over_dsigma(
+    act: Activation | str, v: torch.Tensor, *, method: str = "auto", nodes: int = 64
+) -> torch.Tensor:
+    """F(v) = ∫₀^v σ(x)/σ′(x) dx, elementwise (the second term of eq. 47).
+
+    Args:
+        act: a pointwise activation.
+        v: values (any shape).
+        method: ``"closed"`` (identity, ReLU, LeakyReLU, tanh, sigmoid), ``"quadrature"``
+            (Gauss–Legendre on [0, v] with σ′ from autograd; any σ with σ′ ≠ 0 on [0, v]) or
+            ``"auto"`` (closed form when known).
+        nodes: quadrature nodes.
+
+    Raises:
+        ValueError: a non-pointwise activation, an unknown method, a closed form requested for
+            an activation without one, or σ′ vanishing/changing sign between 0 and v (the
+            integral diverges there).
+    """
+    act = create_activation(act)
+    if not act.pointwise:
+        raise ValueError(f"eq. 47 needs a pointwise activation; {act.name!r} is not pointwise")
+    if method not in ("auto", "closed", "quadrature"):
+        raise ValueError(f"method must be 'auto', 'closed' or 'quadrature', got {method!r}")
+    closed = _closed_form(act)
+    if method == "closed" and closed is None:
+        raise ValueError(
+            f"no closed form of the integral of sigma/sigma' for {act.name!r}; "
+            "use method='quadrature'"
+        )
+    if closed is not None and method != "quadrature":
+        return closed(v)
+    t, w = _gauss_legendre(nodes, v.dtype, v.device)
+    x = v.unsqueeze(-1) * t
+    ends = torch.stack([torch.zeros_like(v), v], dim=-1).detach().requires_grad_(True)
+    with torch.enable_grad():
+        if not x.requires_grad:
+            x.requires_grad_(True)
+        s = act(x)
+        (ds,) = torch.autograd.grad(s.sum(), x, create_graph=v.requires_grad)
+        (ds_ends,) = torch.autograd.grad(act(ends).sum(), ends)
+    signs = torch.cat([torch.sign(ds.detach()), torch.sign(ds_ends)], dim=-1)
+    bad = (signs == 0).any(-1) | (signs.max(-1).values != signs.min(-1).values)
+    bad = bad & (v.detach() != 0)
+    if bool(bad.any()):
+        first = v.detach()[bad].flatten()[0].item()
+        raise ValueError(
+            f"sigma' of {act.name!r} vanishes or changes sign between 0 and v = {first:.4g} "
+            f"({int(bad.sum())} entries): the integral of sigma/sigma' in eq. 47 diverges there"
+        )
+    integrand = s / ds
+    if not v.requires_grad:
+        integrand = integrand.detach()
+    return v * (integrand * w).sum(-1)
+
+
+def elementwise_q_terms(
+    U: torch.Tensor, V: torch.Tensor, act: Activation | str, *, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f₁(U), f₂(V)) = (½ Tr UᵀU, Σ_{a,j} ∫₀^{V_aj} σ/σ′) of eq. 47 and App. E.2.
+
+    Shape:
+        U (…, m, h), V (…, h, n) → two tensors of shape (…).
+    """
+    f1 = 0.5 * U.square().sum((-2, -1))
+    f2 = antiderivative_sigma_over_dsigma(act, V, method=method).sum((-2, -1))
+    return f1, f2
+
+
+def elementwise_q(
+    U: torch.Tensor, V: torch.Tensor, act: Activation | str, *, method: str = "auto"
+) -> torch.Tensor:
+    """Q = ½ Tr[UᵀU] − Σ_{a,j} ∫₀^{V_aj} σ(x)/σ′(x) dx (eq. 47; App. E.2, F).
+
+    Conserved by gradient flow of any loss of W = U σ(V) — the two-layer network with whitened
+    input X = I, where every entry of V is one pre-activation. (With general inputs only the
+    linear-symmetry quantities of :func:`conserved_quantities` are conserved.)
+
+    For σ = identity this is ½ Tr[UᵀU − VVᵀ] (eq. 44).
+
+    Args:
+        U: output layer (…, m, h).
+        V: hidden layer (…, h, n) (the paper's code stores its transpose).
+        act: pointwise activation.
+        method: see :func:`antiderivative_sigma_over_dsigma`.
+
+    Shape:
+        (…,), batched over leading dimensions.
+    """
+    if U.shape[-1] != V.shape[-2]:
+        raise ValueError(
+            f"U (..., m, h) and V (..., h, n) disagree on h: {tuple(U.shape)} vs {tuple(V.shape)}"
+        )
+    f1, f2 = elementwise_q_terms(U, V, act, method=method)
+    return f1 - f2
+
+
+# ----------------------------------------------------------------------------------------------
+# Radial networks: angular momentum (Theorem 5.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def angular_momentum(params: StackParams, velocity: StackParams) -> tuple[torch.Tensor, ...]:
+    """ν_i = W_i Ẇ_iᵀ − Ẇ_i W_iᵀ + b_i ḃ_iᵀ − ḃ_i b_iᵀ + W_{i+1}ᵀ Ẇ_{i+1} − Ẇ_{i+1}ᵀ W_{i+1}.
+
+    Theorem 5.2 (two layers: V V̇ᵀ − V̇ Vᵀ + UᵀU̇ − U̇ᵀU) and App. C.9.5: along gradient flow
+    (velocity θ̇ = −∇L) of a network whose hidden layer i is radial (or linear), ν_i = 0.
+    Entry (k, l) is the total angular momentum r²φ̇ of the (k, l) coordinate planes.
+
+    Shape:
+        one antisymmetric (n_i, n_i) matrix per hidden layer.
+    """
+    if params.widths != velocity.widths or params.has_bias != velocity.has_bias:
+        raise ValueError(
+            f"params and velocity differ in structure: {params.widths} vs {velocity.widths}"
+        )
+    out = []
+    for i in range(params.num_layers - 1):
+        W, dW = params.weights[i], velocity.weights[i]
+        A = W @ dW.T
+        b, db = params.biases[i], velocity.biases[i]
+        if b is not None:
+            A = A + torch.outer(b, db)  # type: ignore[arg-type]
+        A = A + params.weights[i + 1].T @ velocity.weights[i + 1]
+        out.append(A - A.T)
+    return tuple(out)
+
+
+def angular_momentum_residual(params: StackParams, grad: StackParams) -> float:
+    """Relative size of ν (Theorem 5.2) at θ with θ̇ = −∇L: max|ν_i| / (‖θ‖·‖∇L‖).
+
+    0 up to rounding for radial and linear hidden layers; O(1) when the symmetry is broken.
+    """
+    nus = angular_momentum(params, grad * -1.0)
+    scale = float(params.norm() * grad.norm())
+    if scale == 0.0:
+        return 0.0
+    return max(float(nu.abs().max()) for nu in nus) / scale
+
+
+# ----------------------------------------------------------------------------------------------
+# How Q changes under the group: Q_M(g·θ) = Q_{gᵀMg}(θ)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwistedQ:
+    """Q_{A,B}(θ) = Tr[(V Vᵀ + b bᵀ) A] − Tr[UᵀU B] on a stack with one hidden layer.
+
+    Q_M of Proposition 5.1 is Q_{M, dπ(M)} (eq. 12). Acting with g transforms it as
+    Q_{A,B}(g·θ) = Q_{gᵀAg, π(g)⁻¹Bπ(g)⁻ᵀ}(θ) (:meth:`transformed`); for orthogonal g and
+    π(g) = g both matrices become gᵀMg, which is the statement Q_M(g·θ) = Q_{gᵀMg}(θ) of §5.
+
+    Attributes:
+        A, B: (h, h) matrices.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @classmethod
+    def from_lie(cls, M: torch.Tensor, symmetry: LinearSymmetry) -> TwistedQ:
+        """Q_M as a TwistedQ: A = M, B = dπ(M)."""
+        _single_hidden(symmetry)
+        return cls(M, symmetry.groups[0].dpi(M))
+
+    def __call__(self, params: StackParams) -> torch.Tensor:
+        if params.num_layers != 2:
+            raise ValueError(
+                f"TwistedQ is defined for one hidden layer (2 layers), got {params.num_layers}"
+            )
+        inner, outer = _gram_terms(params, 0)
+        A, B = self.A.to(params.dtype), self.B.to(params.dtype)
+        return (inner * A).sum() - (outer * B).sum()
+
+    def transformed(self, g: torch.Tensor, symmetry: LinearSymmetry) -> TwistedQ:
+        """The TwistedQ Q' with Q'(θ) = Q(g·θ) for all θ."""
+        grp = _single_hidden(symmetry)
+        P_inv = grp.pi_inverse(g)
+        return TwistedQ(g.T @ self.A @ g, P_inv @ self.B @ P_inv.T)
+
+
+def _single_hidden(symmetry: LinearSymmetry):
+    if len(symmetry.groups) != 1:
+        raise ValueError(
+            "the twisted form of Q_M(g.theta) is defined for one hidden layer; for deeper stacks "
+            "evaluate q_m(symmetry.act(g, params), M, symmetry) directly"
+        )
+    return symmetry.groups[0]
