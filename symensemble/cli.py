@@ -16,6 +16,8 @@ from . import __version__
 # Modules under symensemble.commands, each defining `command`. Order = order in --help.
 _COMMAND_MODULES = [
     "train",
+    "attack",
+    "reproduce",
 ]
 
 

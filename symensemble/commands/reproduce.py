@@ -1,0 +1,89 @@
+"""``symensemble reproduce``: run a paper-reproduction recipe and compare with the paper."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..checkpoint import atomic_write_text
+
+__all__ = ["command"]
+
+
+@click.command("reproduce", short_help="Run a paper-reproduction recipe (Figures 10-11).")
+@click.argument("recipe")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="CIFAR-10 source [default: the recipe's, else $SYMENSEMBLE_DATA or "
+                   "~/.cache/symensemble].")
+@click.option("--checkpoint", default=None, help="Override the recipe's checkpoint.")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Override the test images.")
+@click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Device.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Override the batch size.")
+@click.option("--sanity/--no-sanity", default=None,
+              help="Run the sanity probes [default: the recipe's, else on].")
+@click.option("--figures/--no-figures", default=True, show_default=True, help="Write figures.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: runs/<recipe>-<timestamp>].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | None,
+            seed: int | None, device: str, batch_size: int | None, sanity: bool | None,
+            figures: bool, out: Path | None, quiet: bool) -> None:
+    """Run RECIPE (a path, or a name such as paper_fig11_fgsm from recipes/) and compare.
+
+    Prints our table, the sanity-check warnings and our numbers beside the paper's; writes
+    the usual results (results.json, results.csv, table.md, figures) plus comparison.md.
+
+    \b
+    Recipes shipped in recipes/:
+      paper_fig10       clean-accuracy Δ heatmap over num_members × ensemble eps (relu_sqr)
+      paper_fig11_fgsm  FGSM grid, transfer and adaptive
+      paper_fig11_pgd   PGD iterations grid (eps 0.3, step 0.01), transfer and adaptive
+    """
+    from ..checkpoint import CheckpointError
+    from ..data import DataError
+    from ..distributed import is_main_process
+    from ..evaluate import evaluate, load_evaluation_recipe
+    from ..report import compare_with_paper, markdown_table, warnings_text, write_results
+    from .attack import resolve_device
+
+    try:
+        spec = load_evaluation_recipe(recipe)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="RECIPE") from None
+    settings = dict(spec.settings)
+    overrides = {"data": data, "model": checkpoint, "n": n, "seed": seed,
+                 "batch_size": batch_size, "sanity": sanity}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings["device"] = resolve_device(device)
+    if not quiet and is_main_process():
+        click.echo(f"{spec.title}  [{spec.path}]")
+    try:
+        result = evaluate(**settings, progress=not quiet)
+    except CheckpointError as err:
+        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
+    except DataError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+    except (ValueError, TypeError) as err:
+        raise click.UsageError(f"{spec.path}: {err}") from None
+    if not is_main_process():
+        return
+    result.settings["recipe"] = {"path": str(spec.path), "title": spec.title}
+    if out is None:
+        out = Path("runs") / f"{spec.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    written = write_results(result, out, figures=figures)
+    comparison = compare_with_paper(result, spec.paper)
+    if comparison:
+        atomic_write_text(out / "comparison.md", f"# {spec.title}\n\n{comparison}")
+        written["comparison.md"] = out / "comparison.md"
+    click.echo("")
+    click.echo(markdown_table(result))
+    click.echo(warnings_text(result))
+    if comparison:
+        click.echo(comparison)
+    click.echo(f"elapsed {result.settings['elapsed_s']:.1f} s; wrote "
+               + ", ".join(p.name for p in written.values()) + f" to {out}")

@@ -1,0 +1,115 @@
+"""Several processes for one evaluation: shard the work under ``torchrun``, sum the counts.
+
+Launched by ``torchrun --nproc_per_node N ...`` (which sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``), :func:`init_distributed` joins the process group (gloo on CPU, nccl on
+GPU). Each rank takes every ``world_size``-th batch of the evaluation (:func:`shard`) and the
+correct-prediction counts are summed over ranks with :func:`all_reduce_sum`. Because the
+batches, and the seed each batch is attacked with, do not depend on the number of processes,
+the counts equal those of a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "shard", "all_reduce_sum", "rank_device",
+           "is_main_process"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size`` (1 = no process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def rank_device(device: str | torch.device, info: DistInfo) -> torch.device:
+    """``device`` with the CUDA index of this rank's ``LOCAL_RANK`` when it is a bare "cuda"."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and info.enabled:
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
+    """Join the process group that ``torchrun`` describes, or report a single process.
+
+    Uses an already initialized group as is. Otherwise, when ``WORLD_SIZE`` > 1, initializes
+    one with the ``env://`` rendezvous: ``nccl`` for CUDA devices, ``gloo`` otherwise.
+
+    Args:
+        device: the evaluation device; decides the backend.
+
+    Returns:
+        This process's :class:`DistInfo`.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0),
+                        dist.get_backend())
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    is_cuda = torch.device(device).type == "cuda"
+    backend = "nccl" if is_cuda else "gloo"
+    if is_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method="env://")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+    log.info("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
+    return info
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialized process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shard(items: Sequence[T], info: DistInfo) -> list[T]:
+    """This rank's share: items ``rank, rank + world_size, ...`` (round robin)."""
+    return list(items[info.rank :: info.world_size])
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo, device: str | torch.device = "cpu"
+                   ) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks (returns it unchanged for a single process).
+
+    The reduction runs on ``device`` (CUDA for nccl) and the result comes back on the
+    tensor's original device.
+    """
+    if not info.enabled:
+        return tensor
+    work = tensor.to(rank_device(device, info) if info.backend == "nccl" else "cpu").clone()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(tensor.device)
