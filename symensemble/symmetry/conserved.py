@@ -19,6 +19,7 @@ All functions take and return tensors; they are differentiable and keep the inpu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ __all__ = [
     "angular_momentum",
     "angular_momentum_residual",
     "TwistedQ",
+    "orbit_scale_for_target",
 ]
 
 
@@ -394,3 +396,81 @@ def _single_hidden(symmetry: LinearSymmetry):
             "evaluate q_m(symmetry.act(g, params), M, symmetry) directly"
         )
     return symmetry.groups[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reaching a chosen Q along the orbit
+# ----------------------------------------------------------------------------------------------
+
+
+def orbit_scale_for_target(
+    a: torch.Tensor, b: torch.Tensor, target: torch.Tensor | float, alpha: float = 1.0
+) -> torch.Tensor:
+    """c > 0 with Q(c) = a c² − α b c^{−2α} = target, elementwise.
+
+    This is how Q_k = |row_k V|² + b_k² − α|col_k U|² (:func:`homogeneous_q`) moves when hidden
+    unit k is scaled by c (V_k ↦ c V_k, b_k ↦ c b_k, U_{:,k} ↦ c^{−α} U_{:,k}), with
+    a = |row_k V|² + b_k² ≥ 0 and b = |col_k U|² ≥ 0. Q is strictly increasing in c for α ≠ 0,
+    so the solution is unique: closed form for α = 1, bisection on log c otherwise.
+
+    Args:
+        a, b: nonnegative tensors of the same shape.
+        target: the wanted Q (broadcast).
+        alpha: homogeneity degree α (α = −1 for the radial map of Prop. G.2, where
+            Q = c²(a + b)).
+
+    Raises:
+        ValueError: a target outside the reachable range, naming the entry and the range.
+    """
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    t = torch.as_tensor(target, dtype=torch.float64).expand_as(a)
+    if bool((a < 0).any() | (b < 0).any()):
+        raise ValueError("a and b must be nonnegative (squared norms)")
+    if alpha == 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite and nonzero, got {alpha}")
+    inf = torch.full_like(a, math.inf)
+    if alpha > 0:
+        lo = torch.where(b > 0, -inf, torch.zeros_like(a))
+        hi = torch.where(a > 0, inf, torch.zeros_like(a))
+    else:
+        lo = torch.zeros_like(a)
+        hi = torch.where(a + b > 0, inf, torch.zeros_like(a))
+    degenerate = (lo == hi) & (t == lo)
+    bad = ~(((t > lo) & (t < hi)) | degenerate)
+    if bool(bad.any()):
+        k = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"target Q = {float(t.flatten()[k]):.6g} is unreachable along the orbit for entry {k}: "
+            f"reachable values lie in ({float(lo.flatten()[k]):.6g}, {float(hi.flatten()[k]):.6g}) "
+            f"(a = {float(a.flatten()[k]):.4g}, b = {float(b.flatten()[k]):.4g}, alpha = {alpha:g})"
+        )
+    c2 = torch.ones_like(a)
+    if alpha == 1.0:
+        # a x − b/x = t with x = c²  →  a x² − t x − b = 0
+        disc = torch.sqrt(t * t + 4 * a * b)
+        pos = a > 0
+        # numerically stable roots: x = (t + disc)/(2a) = 2b/(disc − t)
+        x_a = torch.where(
+            t >= 0, (t + disc) / (2 * a.clamp_min(1e-300)), 2 * b / (disc - t).clamp_min(1e-300)
+        )
+        x_b = torch.where(b > 0, -b / t.clamp_max(-1e-300), torch.ones_like(a))
+        c2 = torch.where(pos, x_a, x_b)
+    else:
+
+        def q(logc: torch.Tensor) -> torch.Tensor:
+            return a * torch.exp(2 * logc) - alpha * b * torch.exp(-2 * alpha * logc)
+
+        lo_c, hi_c = torch.full_like(a, -1.0), torch.full_like(a, 1.0)
+        for _ in range(200):  # bracket: widen until q(lo) <= t <= q(hi)
+            need_lo, need_hi = q(lo_c) > t, q(hi_c) < t
+            if not bool(need_lo.any() | need_hi.any()):
+                break
+            lo_c = torch.where(need_lo, 2 * lo_c, lo_c)
+            hi_c = torch.where(need_hi, 2 * hi_c, hi_c)
+        for _ in range(200):
+            mid = 0.5 * (lo_c + hi_c)
+            above = q(mid) > t
+            hi_c, lo_c = torch.where(above, mid, hi_c), torch.where(above, lo_c, mid)
+        c2 = torch.exp(lo_c + hi_c)
+    c2 = torch.where(degenerate, torch.ones_like(a), c2)
+    return c2.sqrt()

@@ -1,0 +1,258 @@
+"""Shared pieces of the Q diagnostics: the paper's two-layer problem, integrators, result files.
+
+The experiments of App. E–H use a two-layer network with whitened input (X = I), so the
+network output is the matrix W = U σ(V) with U ∈ R^{m×h} and V ∈ R^{h×n} (the paper's code
+stores Vᵀ), fitted to a random target Y ∈ R^{m×n}. :class:`TwoLayerProblem` evaluates its loss
+and closed-form gradients batched over independent runs (a leading dimension), so learning
+rates or initializations train side by side in one vectorized loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..checkpoint import atomic_write_text, git_revision
+from ..symmetry.activations import Activation, create_activation
+
+__all__ = [
+    "TwoLayerProblem",
+    "dsigma",
+    "rk4_step",
+    "gradient_flow",
+    "log_spaced_steps",
+    "to_jsonable",
+    "write_json",
+    "save_figure",
+    "run_header",
+    "single_thread",
+]
+
+_REDUCTIONS = ("mean", "sum", "half")
+
+
+def dsigma(act: Activation, z: torch.Tensor) -> torch.Tensor:
+    """σ′(z) elementwise: closed form for the registry's pointwise activations, else autograd."""
+    name = act.name
+    if name == "identity":
+        return torch.ones_like(z)
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "leaky_relu":
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, act.negative_slope))  # type: ignore[attr-defined]
+    if name == "tanh":
+        return 1 - torch.tanh(z).square()
+    if name == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if not act.pointwise:
+        raise ValueError(f"sigma' elementwise needs a pointwise activation, got {act.name!r}")
+    x = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (d,) = torch.autograd.grad(act(x).sum(), x)
+    return d
+
+
+@dataclass(frozen=True)
+class TwoLayerProblem:
+    """Fit W = U σ(V) to Y with whitened input (eqs. 43, 56, 80).
+
+    Attributes:
+        Y: target (m, n).
+        act: pointwise hidden activation σ.
+        reduction: ``"mean"`` — ‖Y − W‖²/(mn), as ``nn.MSELoss`` in the paper's code;
+            ``"sum"`` — ‖Y − W‖², eqs. 43 and 80; ``"half"`` — ½‖Y − W‖², Prop. G.1 and App. H.1.
+
+    Shape:
+        U (R, m, h) and V (R, h, n) for R runs side by side (a leading dim is required).
+    """
+
+    Y: torch.Tensor
+    act: Activation
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
+        if self.Y.ndim != 2:
+            raise ValueError(f"Y must be a matrix (m, n), got shape {tuple(self.Y.shape)}")
+        object.__setattr__(self, "act", create_activation(self.act))
+        if not self.act.pointwise:
+            raise ValueError(f"TwoLayerProblem needs a pointwise activation, got {self.act.name!r}")
+
+    @property
+    def coef(self) -> float:
+        """c with L = c‖Y − W‖²."""
+        m, n = self.Y.shape
+        return {"mean": 1.0 / (m * n), "sum": 1.0, "half": 0.5}[self.reduction]
+
+    def output(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """W = U σ(V), shape (R, m, n)."""
+        return U @ self.act(V)
+
+    def loss(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """L per run, shape (R,)."""
+        return self.coef * (self.output(U, V) - self.Y).square().sum((-2, -1))
+
+    def loss_and_grads(
+        self, U: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, ∂L/∂U, ∂L/∂V) in closed form.
+
+        ∂L/∂U = G σ(V)ᵀ and ∂L/∂V = (UᵀG) ⊙ σ′(V) with G = 2c(W − Y).
+        """
+        S = self.act(V)
+        R = U @ S - self.Y
+        G = (2 * self.coef) * R
+        loss = self.coef * R.square().sum((-2, -1))
+        return loss, G @ S.transpose(-1, -2), (U.transpose(-1, -2) @ G) * dsigma(self.act, V)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block (restored after).
+
+    The two-layer experiments step through tiny tensors hundreds of thousands of times; there
+    thread hand-offs cost more than the arithmetic (about 2.5x on two cores).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def rk4_step(
+    grad: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float
+) -> torch.Tensor:
+    """One classical Runge–Kutta step of the gradient flow ẋ = −∇L(x) (eq. 10)."""
+    k1 = grad(x)
+    k2 = grad(x - (0.5 * dt) * k1)
+    k3 = grad(x - (0.5 * dt) * k2)
+    k4 = grad(x - dt * k3)
+    return x - (dt / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def gradient_flow(
+    grad: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    dt: float,
+    steps: int,
+    *,
+    method: str = "rk4",
+    every: int = 1,
+) -> torch.Tensor:
+    """Integrate ẋ = −∇L(x) from x0 and return the states at t = 0, every·dt, ….
+
+    Args:
+        grad: x ↦ ∇L(x) on flat vectors.
+        x0: initial point (d,).
+        dt: time step.
+        steps: number of steps.
+        method: ``"rk4"`` (error O(dt⁴) on smooth losses) or ``"euler"`` (gradient descent
+            with learning rate dt).
+        every: keep one state in ``every``.
+
+    Shape:
+        (steps // every + 1, d).
+    """
+    if method not in ("rk4", "euler"):
+        raise ValueError(f"method must be 'rk4' or 'euler', got {method!r}")
+    if steps < 0 or every < 1:
+        raise ValueError(f"need steps >= 0 and every >= 1, got steps={steps}, every={every}")
+    states = [x0]
+    x = x0
+    for k in range(1, steps + 1):
+        x = rk4_step(grad, x, dt) if method == "rk4" else x - dt * grad(x)
+        if k % every == 0:
+            states.append(x)
+    return torch.stack(states)
+
+
+def log_spaced_steps(total: int, num: int = 400) -> list[int]:
+    """About ``num`` distinct step indices in [0, total], dense near 0 and including both ends."""
+    if total <= num:
+        return list(range(total + 1))
+    lin = torch.linspace(0, total, num // 2).round().long().tolist()
+    log = torch.logspace(0, math.log10(total), num // 2).round().long().tolist()
+    return sorted({0, total, *lin, *log})
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors, numpy scalars, tuples and paths → plain JSON values; non-finite floats → None."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu()
+        return to_jsonable(obj.item() if obj.ndim == 0 else obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item"):
+        return to_jsonable(obj.item())
+    return str(obj)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically (temp file + ``os.replace``) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def run_header(command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance written with every result: command, settings, versions, git revision."""
+    return {
+        "command": command,
+        "settings": dict(settings),
+        "symensemble_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "git_revision": git_revision(),
+    }
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
