@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "train",
     "attack",
     "reproduce",
+    "q",
 ]
 
 

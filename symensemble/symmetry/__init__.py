@@ -3,3 +3,39 @@
 from .activations import Activation, create_activation, list_activations
 
 __all__ = ["Activation", "create_activation", "list_activations"]
+
+from .conserved import (  # noqa: E402
+    TwistedQ,
+    angular_momentum,
+    conserved_quantities,
+    elementwise_q,
+    homogeneous_q,
+    imbalance,
+    orbit_scale_for_target,
+    q_m,
+)
+from .linear import (  # noqa: E402
+    HiddenGroup,
+    LinearSymmetry,
+    StackParams,
+    orbit_dimension_formula,
+    stack_params,
+    transform_module,
+)
+
+__all__ += [
+    "HiddenGroup",
+    "LinearSymmetry",
+    "StackParams",
+    "orbit_dimension_formula",
+    "stack_params",
+    "transform_module",
+    "TwistedQ",
+    "angular_momentum",
+    "conserved_quantities",
+    "elementwise_q",
+    "homogeneous_q",
+    "imbalance",
+    "orbit_scale_for_target",
+    "q_m",
+]
