@@ -39,3 +39,23 @@ __all__ += [
     "orbit_scale_for_target",
     "q_m",
 ]
+
+from .nonlinear import (  # noqa: E402
+    R_inverse,
+    R_matrix,
+    equivariance,
+    lipschitz_bound,
+    nonlinear_action,
+    nonlinear_action_multilayer,
+    pi_matrix,
+)
+
+__all__ += [
+    "R_matrix",
+    "R_inverse",
+    "equivariance",
+    "nonlinear_action",
+    "nonlinear_action_multilayer",
+    "lipschitz_bound",
+    "pi_matrix",
+]
