@@ -15,6 +15,10 @@ giving the model whose gradients craft the examples for a target):
 
 The base model ("original") is always evaluated as the reference. For it both threat models
 are the same white-box attack, so it has one row per strength, with threat ``whitebox``.
+When both threat models run, each ensemble also gets a ``worst`` row: the images it classifies
+correctly under *every* threat model — robust accuracy against the union of the attacks, the
+number to quote (an attack that fails on the ensemble's own gradients, a sign of gradient
+masking, cannot inflate it while the transfer attack works).
 
 Accuracy is counted with the aggregate the user chose (``vote`` by default, the paper's
 mode of member predictions), with a 95% Wilson interval. Sanity checks run on every
@@ -68,6 +72,7 @@ __all__ = [
     "parse_eps",
     "ORIGINAL",
     "WHITEBOX",
+    "WORST",
     "THREATS",
     "DEFAULT_TRANSFORMS",
     "PAPER_FGSM_EPS",
@@ -78,6 +83,8 @@ log = logging.getLogger(__name__)
 
 ORIGINAL = "original"
 WHITEBOX = "whitebox"
+#: Per-image worst case over the threat models evaluated (robust only if it survives all).
+WORST = "worst"
 THREATS = ("transfer", "adaptive")
 DEFAULT_TRANSFORMS = (ORIGINAL, "group", "ginv", "random", "shuffle", "perm_interp")
 #: FGSM radii of the paper's Figure 11 (pixel units in [0, 1]).
@@ -206,7 +213,9 @@ def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    lo = 0.0 if correct <= 0 else max(0.0, center - half)
+    hi = 1.0 if correct >= n else min(1.0, center + half)
+    return lo, hi
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +450,7 @@ def sanity_checks(
     z: float = 3.0,
     tol: float = 0.01,
     large_eps_max_accuracy: float = LARGE_EPS_MAX_ACCURACY,
+    num_classes: int = 10,
 ) -> list[str]:
     """Signs of a broken or gradient-masked evaluation, as readable warnings.
 
@@ -454,7 +464,9 @@ def sanity_checks(
        attack at the same strength: the ensemble's own gradients are less useful than a
        surrogate's.
     4. ``[large-eps]`` adaptive PGD at eps = 64/255 leaving more than
-       ``large_eps_max_accuracy``: at that radius any real classifier is broken.
+       ``large_eps_max_accuracy``: at that radius any real classifier is broken. Targets whose
+       clean accuracy is at chance (1/num_classes) are exempt: a (nearly) constant classifier
+       keeps its class share under any attack, which says nothing about masking.
 
     Args:
         records: the requested measurements.
@@ -462,6 +474,7 @@ def sanity_checks(
         z: standard errors a difference must exceed.
         tol: absolute accuracy difference a finding must exceed.
         large_eps_max_accuracy: threshold of check 4.
+        num_classes: C; chance accuracy is 1/C.
 
     Returns:
         Warning strings (empty when all checks pass).
@@ -524,8 +537,16 @@ def sanity_checks(
                 "surrogate's — do not trust the adaptive number as a robustness claim"
             )
 
-    # 4. PGD at a large eps must break the model
+    # 4. PGD at a large eps must break the model (unless it is at chance to begin with)
+    clean = {(r.transform, r.num_members, r.ensemble_eps): r for r in everything
+             if r.eps == 0 or r.steps == 0}
+    chance = 1.0 / max(num_classes, 1)
     for r in everything:
+        base = clean.get((r.transform, r.num_members, r.ensemble_eps))
+        if base is not None:
+            se = math.sqrt(chance * (1 - chance) / max(base.n, 1))
+            if base.accuracy <= chance + max(tol, z * se):
+                continue
         if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
                 and r.threat in ("adaptive", WHITEBOX) and r.accuracy > large_eps_max_accuracy):
             warnings.append(
@@ -617,7 +638,8 @@ def _load_data(data: Any) -> Any:
     if data is None or isinstance(data, (str, os.PathLike)):
         from .data import load_cifar10
 
-        return load_cifar10(data)
+        # no validation hold-out: evaluation draws test images and training-split calibration
+        return load_cifar10(data, val_size=0)
     for attr in ("train", "test"):
         if not hasattr(data, attr):
             raise ValueError(
@@ -641,39 +663,64 @@ class _Runner:
         self.attack_aggregate = attack_aggregate
         self._clean_cache: dict[tuple[int, str], torch.Tensor] = {}
 
+    @staticmethod
+    def _reseed(module: nn.Module, seed: int) -> None:
+        """Seed torch and, for a stochastic ensemble, its own member generator.
+
+        Members redrawn on every forward continue the ensemble's generator stream; reseeding it
+        per batch makes the draws independent of which batches ran before (and so of the
+        number of processes).
+        """
+        torch.manual_seed(seed)
+        if getattr(module, "is_stochastic", False) and hasattr(module, "resample"):
+            module.resample(seed=seed % (2**63))
+
     def _predict(self, target: Target, x: torch.Tensor, *seed_parts: Any) -> torch.Tensor:
         if target.stochastic:
-            torch.manual_seed(_derive_seed(self.seed, "predict", target.key, *seed_parts))
+            self._reseed(target.module, _derive_seed(self.seed, "predict", target.key, *seed_parts))
         with torch.no_grad():
             return target.module(x).argmax(dim=1)
 
     def run_batch(self, strength: Strength, slots: list[tuple[str, Target]], x: torch.Tensor,
                   y: torch.Tensor, batch_index: int) -> list[int]:
-        """Correct counts on one batch for each (threat, target) slot."""
-        if strength.clean:
-            out = []
-            for _, target in slots:
-                key = (batch_index, target.key)
-                if key not in self._clean_cache:
-                    self._clean_cache[key] = self._predict(target, x, "clean", batch_index) == y
-                out.append(int(self._clean_cache[key].sum()))
-            return out
-        preset = get_attack(strength.attack)
-        adversarial: dict[str, torch.Tensor] = {}
+        """Correct counts on one batch for each (threat, target) slot.
+
+        A ``worst`` slot counts the images its target classifies correctly under every
+        threat model listed before it for that target (the per-image worst case).
+        """
+        correct: dict[tuple[str, str], torch.Tensor] = {}
         out = []
+        preset = None if strength.clean else get_attack(strength.attack)
+        adversarial: dict[str, torch.Tensor] = {}
         for threat, target in slots:
-            model = get_threat("transfer" if threat == WHITEBOX else threat)
-            src_key, src_module, stochastic = model.source(self.base, target, self.attack_aggregate)
-            if src_key not in adversarial:
-                seed = _derive_seed(self.seed, strength.key, batch_index, src_key)
-                torch.manual_seed(seed)
-                attack = preset.build(src_module, eps=strength.eps, steps=strength.steps,
-                                      alpha=strength.alpha, seed=seed % (2**31),
-                                      stochastic=stochastic, eot_iter=self.eot_iter,
-                                      num_classes=self.num_classes)
-                adversarial[src_key] = attack(x, y).detach()
-            pred = self._predict(target, adversarial[src_key], strength.key, batch_index, src_key)
-            out.append(int((pred == y).sum()))
+            if threat == WORST:
+                ok = torch.ones_like(y, dtype=torch.bool)
+                for (th, key), value in correct.items():
+                    if key == target.key and th != WORST:
+                        ok = ok & value
+            elif strength.clean:
+                cache_key = (batch_index, target.key)
+                if cache_key not in self._clean_cache:
+                    self._clean_cache[cache_key] = (
+                        self._predict(target, x, "clean", batch_index) == y)
+                ok = self._clean_cache[cache_key]
+            else:
+                model = get_threat("transfer" if threat == WHITEBOX else threat)
+                src_key, src_module, stochastic = model.source(self.base, target,
+                                                               self.attack_aggregate)
+                if src_key not in adversarial:
+                    seed = _derive_seed(self.seed, strength.key, batch_index, src_key)
+                    self._reseed(target.module if stochastic else src_module, seed)
+                    attack = preset.build(src_module, eps=strength.eps, steps=strength.steps,
+                                          alpha=strength.alpha, seed=seed % (2**31),
+                                          stochastic=stochastic, eot_iter=self.eot_iter,
+                                          num_classes=self.num_classes)
+                    adversarial[src_key] = attack(x, y).detach()
+                pred = self._predict(target, adversarial[src_key], strength.key, batch_index,
+                                     src_key)
+                ok = pred == y
+            correct[(threat, target.key)] = ok
+            out.append(int(ok.sum()))
         return out
 
 
@@ -857,6 +904,8 @@ def evaluate(
         slots = [(WHITEBOX, base)]
         for t in targets[1:]:
             slots += [(th, t) for th in threats]
+            if len(threats) > 1:
+                slots.append((WORST, t))
         return slots
 
     units: list[tuple[str, Strength, list[tuple[str, Target]]]] = [
@@ -872,6 +921,10 @@ def evaluate(
         if large not in strengths:
             units.append(("probe", large, slots))
             probe_notes.append(f"adaptive PGD-{LARGE_EPS_STEPS} at eps=64/255")
+        if len(attacked) == len(strengths):  # no clean point: the checks need clean accuracy
+            clean_probe = Strength(attacks[0], 0.0, get_attack(attacks[0]).resolve_steps(None))
+            units.append(("probe", clean_probe, record_slots()))
+            probe_notes.append("clean accuracy")
         if "fgsm" not in attacks:
             ref_eps = sorted({s.eps for s in attacked if s.attack != "fgsm"})
             for e in ref_eps:
@@ -927,7 +980,7 @@ def evaluate(
                          num_members=target.num_members, ensemble_eps=target.ensemble_eps,
                          alpha=strength.alpha)
             (records if role == "record" else probes).append(rec)
-    warnings = sanity_checks(records, probes)
+    warnings = sanity_checks(records, probes, num_classes=num_classes)
     for w in warnings:
         log.warning("%s", w)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
-from .evaluate import ORIGINAL, WHITEBOX, EvaluationResult, Record
+from .evaluate import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record
 
 __all__ = [
     "markdown_table",
@@ -42,7 +42,8 @@ __all__ = [
 
 RECORD_FIELDS = ("transform", "threat", "attack", "eps", "steps", "accuracy", "ci_low", "ci_high",
                  "n", "correct", "num_members", "ensemble_eps", "alpha")
-_THREAT_ORDER = {WHITEBOX: 0, "transfer": 1, "adaptive": 2}
+_THREAT_ORDER = {WHITEBOX: 0, "transfer": 1, "adaptive": 2, WORST: 3}
+_THREAT_LABEL = {WHITEBOX: "white-box", WORST: "worst-case"}
 
 
 def format_eps(eps: float) -> str:
@@ -108,7 +109,7 @@ def markdown_table(result: EvaluationResult, *, digits: int = 3) -> str:
                 (r.eps, r.steps)] = r
         for (transform, threat, g, e), cells in rows.items():
             name = transform
-            shown = "white-box" if threat == WHITEBOX else threat
+            shown = _THREAT_LABEL.get(threat, threat)
             lead = [name, shown]
             if sweep:
                 lead += ["" if g is None else str(g), "" if e is None else f"{e:g}"]
@@ -119,7 +120,8 @@ def markdown_table(result: EvaluationResult, *, digits: int = 3) -> str:
     agg = result.settings.get("aggregate", "")
     out.append(f"Accuracy on n={n} test images (ensembles counted by `{agg}`); 95% Wilson "
                "intervals in results.json / results.csv. `transfer`: examples crafted on the "
-               "base model; `adaptive`: crafted on each ensemble itself.")
+               "base model; `adaptive`: crafted on each ensemble itself; `worst-case`: images "
+               "that survive both.")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -201,7 +203,9 @@ def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
     settings = result.settings
     g = num_members if num_members is not None else (settings.get("num_members") or [None])[0]
     e = ensemble_eps if ensemble_eps is not None else (settings.get("ensemble_eps") or [None])[0]
-    threats = [t for t in settings.get("threat", ["transfer", "adaptive"])]
+    threats = list(settings.get("threat", ["transfer", "adaptive"]))
+    if any(r.threat == WORST for r in result.records):
+        threats.append(WORST)
     attacks = list(dict.fromkeys(r.attack for r in result.records))
     transforms = [t for t in settings.get("transforms", []) if t != ORIGINAL]
     fig = _new_figure(5.2 * max(len(threats), 1), 4.0 * len(attacks))
@@ -236,8 +240,9 @@ def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
             ax.set_xlabel(f"{attack.upper()} {'iterations' if use_steps else 'epsilon'}")
             if j == 0:
                 ax.set_ylabel("accuracy")
-            ax.set_title(f"{threat} ({attack}; ensembles G={g}, ε={e:g})" if g is not None
-                         else f"{threat} ({attack})", fontsize=10)
+            shown = _THREAT_LABEL.get(threat, threat)
+            ax.set_title(f"{shown} ({attack}; ensembles G={g}, ε={e:g})" if g is not None
+                         else f"{shown} ({attack})", fontsize=10)
             ax.grid(alpha=0.3)
             ax.set_ylim(-0.02, 1.02)
             ax.legend(fontsize=8)
@@ -376,7 +381,7 @@ def compare_with_paper(result: EvaluationResult, paper: dict[str, Any]) -> str:
 
     * a curve: ``eps = [...]`` (or ``steps = [...]``) and ``accuracy.<transform> = [...]``
       (Figure 11). Ours is the ``transfer`` number (the paper's protocol; ``white-box`` for
-      the base model), with our ``adaptive`` number beside it.
+      the base model), with our ``adaptive`` and ``worst-case`` numbers below it.
     * a grid: ``num_members``, ``ensemble_eps`` and ``accuracy.<transform>`` as rows per
       ensemble eps × columns per num_members (Figure 10). Compared as Δ = ensemble − original,
       averaged over num_members for each ensemble eps.
@@ -405,6 +410,8 @@ def _compare_curve(result, paper, acc, source) -> str:
              "| transform | threat | " + " | ".join(label) + " |",
              "|:---|:---|" + "---:|" * len(xs)]
     threats = [t for t in ("transfer", "adaptive") if t in s.get("threat", [])]
+    if any(r.threat == WORST for r in result.records):
+        threats.append(WORST)
     for transform, values in acc.items():
         rows = [WHITEBOX] if transform == ORIGINAL else threats
         for threat in rows:
@@ -415,9 +422,9 @@ def _compare_curve(result, paper, acc, source) -> str:
                     want.update(num_members=g, ensemble_eps=e)
                 r = _find(result, **want)
                 ours = f"{r.accuracy:.3f}" if r is not None else "—"
-                theirs = f"{p:.3f}" if threat != "adaptive" else "—"
+                theirs = f"{p:.3f}" if threat in (WHITEBOX, "transfer") else "—"
                 cells.append(f"{ours} / {theirs}")
-            shown = "white-box" if threat == WHITEBOX else threat
+            shown = _THREAT_LABEL.get(threat, threat)
             lines.append(f"| {transform} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

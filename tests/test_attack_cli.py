@@ -1,0 +1,228 @@
+"""``symensemble attack`` and ``symensemble reproduce`` driven through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torchvision.io import write_png
+
+import symensemble as se
+from symensemble.cli import main
+from symensemble.evaluate import load_evaluation_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> tuple[Path, Path]:
+    """A class-folder CIFAR-like tree (32×32 PNGs) and a checkpoint trained on it."""
+    root = tmp_path_factory.mktemp("tree")
+    gen = torch.Generator().manual_seed(0)
+    templates = torch.rand(10, 3, 32, 32, generator=gen)
+    for split, per_class in (("train", 8), ("test", 4)):
+        for c, name in enumerate(CLASSES):
+            folder = root / "cifar" / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                img = 0.55 * templates[c] + 0.45 * torch.rand(3, 32, 32, generator=gen)
+                write_png((img * 255).round().to(torch.uint8), str(folder / f"{i}.png"))
+    images = []
+    labels = []
+    for c, name in enumerate(CLASSES):
+        for f in sorted((root / "cifar" / "train" / name).iterdir()):
+            from torchvision.io import read_image
+
+            images.append(read_image(str(f)).float() / 255)
+            labels.append(c)
+    x, y = torch.stack(images), torch.tensor(labels)
+    torch.manual_seed(0)
+    model = se.create_model("paper_cnn", hidden=4, channels=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = se.save_checkpoint(model.eval(), root / "tiny.safetensors")
+    return root / "cifar", ckpt
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMENSEMBLE_CACHE", str(tmp_path / "cache"))
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def small_args(tiny_world, out: Path, *extra: str) -> list[str]:
+    data, ckpt = tiny_world
+    return ["attack", "--checkpoint", str(ckpt), "--data", str(data), "--n", "20",
+            "--num-members", "2", "--ensemble-eps", "0.1", "--batch-size", "10",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "attack" in result.output and "reproduce" in result.output
+
+
+def test_attack_prints_the_table_and_writes_every_file(tiny_world, tmp_path):
+    out = tmp_path / "out"
+    result = run(*small_args(tiny_world, out, "--eps", "0,8/255",
+                             "--transforms", "original,group,ginv"))
+    assert result.exit_code == 0, result.output
+    assert "| transform | threat | eps=0 | eps=8/255 |" in result.output
+    assert "| original | white-box |" in result.output
+    assert "| group | transfer |" in result.output and "| ginv | adaptive |" in result.output
+    assert "Sanity checks" in result.output
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.csv", "table.md",
+                                               "accuracy_vs_eps.png"}
+    payload = json.loads((out / "results.json").read_text())
+    s = payload["settings"]
+    assert s["n"] == 20 and s["eps"] == [0.0, 8 / 255] and s["attack"] == ["fgsm"]
+    assert s["transforms"] == ["original", "group", "ginv"] and s["seed"] == 0
+    assert set(s["versions"]) >= {"torch", "torchattacks", "symensemble"}
+    assert "git_revision" in s and s["calibration"]["split"] == "train"
+    assert len(payload["records"]) == 2 * (1 + 3 * 2)
+    assert "| group | worst-case |" in result.output
+    assert isinstance(payload["warnings"], list)
+
+
+def test_attack_sweep_writes_the_delta_heatmap(tiny_world, tmp_path):
+    out = tmp_path / "sweep"
+    data, ckpt = tiny_world
+    result = run("attack", "--checkpoint", str(ckpt), "--data", str(data), "--n", "20",
+                 "--eps", "0", "--num-members", "1,2", "--ensemble-eps", "1,0.1",
+                 "--transforms", "original,group", "--threat", "transfer", "--out", str(out),
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (out / "delta_heatmap.png").is_file()
+    assert "| transform | threat | G | ens. eps | eps=0 |" in result.output
+
+
+def test_attack_default_out_folder(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = small_args(tiny_world, tmp_path / "x", "--eps", "0", "--transforms", "original")
+    args = args[: args.index("--out")] + args[args.index("--out") + 2:]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name.startswith("attack-") and (folder / "results.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attack", "cw"], "unknown attack 'cw'"),
+    (["--eps", "0,1.5"], "outside [0, 1]"),
+    (["--eps", "abc"], "not a number"),
+    (["--transforms", "original,bogus"], "unknown transform 'bogus'"),
+    (["--threat", "greybox"], "unknown threat 'greybox'"),
+    (["--alpha", "0"], "must be > 0"),
+    (["--steps", "-1"], "below the minimum"),
+    (["--num-members", "0"], "below the minimum"),
+    (["--ensemble-eps", "-2"], ">= 0"),
+    (["--n", "100000"], "between 1 and"),
+])
+def test_attack_rejects_bad_options(tiny_world, tmp_path, extra, message):
+    result = run(*small_args(tiny_world, tmp_path / "o", *extra))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_attack_missing_checkpoint_or_data(tiny_world, tmp_path):
+    data, ckpt = tiny_world
+    result = run("attack", "--checkpoint", str(tmp_path / "nope.safetensors"), "--data",
+                 str(data), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "--checkpoint" in result.output
+    assert "no checkpoint" in result.output
+    result = run("attack", "--checkpoint", str(ckpt), "--data", str(tmp_path / "nodata"),
+                 "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "--data" in result.output
+    assert "no CIFAR-10 data" in result.output
+
+
+def test_reproduce_runs_a_recipe_and_compares_with_the_paper(tiny_world, tmp_path):
+    data, ckpt = tiny_world
+    recipe = tmp_path / "mini.toml"
+    recipe.write_text(f"""
+title = "mini reproduction"
+[evaluate]
+checkpoint = "{ckpt}"
+n = 20
+attack = "fgsm"
+eps = [0.0, 0.05]
+transforms = ["original", "group"]
+num_members = 2
+ensemble_eps = 0.1
+threat = ["transfer", "adaptive"]
+sanity = false
+[paper]
+source = "made up"
+eps = [0.0, 0.05]
+[paper.accuracy]
+original = [0.6, 0.2]
+group = [0.5, 0.3]
+""")
+    out = tmp_path / "rep"
+    result = run("reproduce", str(recipe), "--data", str(data), "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "Ours vs. paper (made up)" in result.output
+    assert "| group | transfer |" in result.output
+    assert (out / "comparison.md").read_text().startswith("# mini reproduction")
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["recipe"]["title"] == "mini reproduction"
+
+
+def test_reproduce_errors(tmp_path):
+    result = run("reproduce", "no_such_recipe")
+    assert result.exit_code == 2 and "no recipe" in result.output and "paper_fig10" in result.output
+    bad = tmp_path / "train.toml"
+    bad.write_text('model = "paper_cnn"\n')
+    result = run("reproduce", str(bad))
+    assert result.exit_code == 2 and "[evaluate]" in result.output
+    bad.write_text('[evaluate]\nwrong_key = 1\n')
+    result = run("reproduce", str(bad))
+    assert result.exit_code == 2 and "wrong_key" in result.output
+
+
+@pytest.mark.parametrize("name", ["paper_fig10", "paper_fig11_fgsm", "paper_fig11_pgd"])
+def test_shipped_recipes_parse(name):
+    spec = load_evaluation_recipe(name)
+    assert spec.path == REPO / "recipes" / f"{name}.toml"
+    assert spec.settings["model"].startswith("paper_cnn")
+    assert spec.paper["accuracy"]["original"]
+    if name == "paper_fig10":
+        acc = spec.paper["accuracy"]
+        assert all(len(acc[t]) == 7 and all(len(row) == 7 for row in acc[t]) for t in acc)
+
+
+def _cifar_root() -> str | None:
+    root = os.environ.get("SYMENSEMBLE_DATA")
+    return root if root and Path(root).exists() else None
+
+
+@pytest.mark.cifar
+@pytest.mark.skipif(_cifar_root() is None, reason="SYMENSEMBLE_DATA has no CIFAR-10")
+@pytest.mark.skipif(not (REPO / "checkpoints" / "paper_cnn.safetensors").is_file(),
+                    reason="shipped checkpoint checkpoints/paper_cnn.safetensors is absent")
+def test_cifar_shipped_checkpoint_transfer_pattern(tmp_path):
+    out = tmp_path / "cifar"
+    result = run("attack", "--n", "200", "--eps", "0,0.012", "--transforms",
+                 "original,group,shuffle", "--num-members", "50", "--no-sanity", "--quiet",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "results.json").read_text())["records"]
+    acc = {(r["transform"], r["threat"], r["eps"]): r["accuracy"] for r in records}
+    assert acc[("original", "whitebox", 0.0)] > 0.45
+    assert acc[("shuffle", "transfer", 0.0)] < 0.25  # near chance

@@ -1,0 +1,510 @@
+"""symensemble.evaluate / symensemble.attacks on tiny synthetic models and data (fast, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchattacks
+from torch import nn
+
+import symensemble as se
+from symensemble import attacks as atk
+from symensemble.data import CIFAR10, Split
+from symensemble.evaluate import (
+    LARGE_EPS,
+    ORIGINAL,
+    WHITEBOX,
+    WORST,
+    DifferentiableView,
+    Record,
+    Strength,
+    Target,
+    evaluate,
+    get_threat,
+    parse_eps,
+    sanity_checks,
+    stratified_subset,
+    wilson_interval,
+)
+
+torch.set_num_threads(2)
+NUM_CLASSES = 10
+HIDDEN = 4
+
+
+# ------------------------------------------------------------------------------------------
+# tiny synthetic world: class templates + noise, a 2-channel paper CNN trained in a second
+# ------------------------------------------------------------------------------------------
+
+
+def synthetic_cifar(n_train: int = 200, n_test: int = 60, seed: int = 0) -> CIFAR10:
+    gen = torch.Generator().manual_seed(seed)
+    templates = torch.rand(NUM_CLASSES, 3, 32, 32, generator=gen)
+
+    def split(n: int) -> Split:
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(n // NUM_CLASSES)  # class-ordered
+        noise = torch.rand(len(labels), 3, 32, 32, generator=gen)
+        images = (0.55 * templates[labels] + 0.45 * noise) * 255
+        return Split(images.round().to(torch.uint8), labels)
+
+    return CIFAR10(split(n_train), split(20), split(n_test), tuple(f"c{i}" for i in range(10)),
+                   "synthetic")
+
+
+def tiny_model(data: CIFAR10, act: str = "leaky_relu", steps: int = 60) -> nn.Module:
+    torch.manual_seed(0)
+    model = se.create_model("paper_cnn", hidden=HIDDEN, channels=2, act=act)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = data.train.float_images(), data.train.labels
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def world() -> tuple[nn.Module, CIFAR10]:
+    data = synthetic_cifar()
+    return tiny_model(data), data
+
+
+def _transforms() -> list[str]:
+    from symensemble.ensemble import TRANSFORMS
+
+    return list(TRANSFORMS)
+
+
+def small(**kw):
+    """Settings of a fast evaluation; override any."""
+    base = dict(n=30, batch_size=16, num_members=3, ensemble_eps=0.1, seed=0, sanity=False)
+    base.update(kw)
+    return base
+
+
+# ------------------------------------------------------------------------------------------
+# value helpers
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [("8/255", 8 / 255), ("0", 0.0), (0.5, 0.5),
+                                             ("1", 1.0), (" 0.012 ", 0.012)])
+def test_parse_eps_accepts_numbers_and_fractions(text, expected):
+    assert parse_eps(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["1.5", "-0.1", "abc", "1/0", "nan", 2])
+def test_parse_eps_rejects_out_of_range_and_garbage(text):
+    with pytest.raises(ValueError, match="eps"):
+        parse_eps(text)
+
+
+def test_wilson_interval_known_values_and_edges():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and lo == pytest.approx(0.8389, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    for c in range(0, 31, 5):  # the interval always contains the estimate
+        lo, hi = wilson_interval(c, 30)
+        assert lo <= c / 30 <= hi
+
+
+def test_stratified_subset_is_balanced_seeded_and_mixed():
+    labels = torch.arange(10).repeat_interleave(100)  # ordered by class, like the test folders
+    idx = stratified_subset(labels, 100, seed=0)
+    assert idx.numel() == 100 and idx.unique().numel() == 100
+    assert torch.bincount(labels[idx], minlength=10).tolist() == [10] * 10
+    assert torch.equal(idx, stratified_subset(labels, 100, seed=0))
+    assert not torch.equal(idx, stratified_subset(labels, 100, seed=1))
+    assert labels[idx[:20]].unique().numel() > 3  # batches mix classes
+    # unequal classes: proportions kept, remainder to the largest fractional quotas
+    labels = torch.cat([torch.zeros(60), torch.ones(30), torch.full((10,), 2)]).long()
+    idx = stratified_subset(labels, 15, seed=3)
+    assert torch.bincount(labels[idx]).tolist() == [9, 5, 1] or \
+        torch.bincount(labels[idx]).tolist() == [9, 4, 2]
+    assert stratified_subset(labels, 100, seed=0).numel() == 100
+    with pytest.raises(ValueError, match="between 1 and"):
+        stratified_subset(labels, 101, seed=0)
+    with pytest.raises(ValueError, match="between 1 and"):
+        stratified_subset(labels, 0, seed=0)
+
+
+def test_strength_clean_and_key():
+    assert Strength("fgsm", 0.0, 1).clean and Strength("pgd", 0.3, 0).clean
+    assert not Strength("pgd", 0.3, 1, 0.01).clean
+    assert Strength("pgd", 0.3, 1, 0.01).key != Strength("pgd", 0.3, 2, 0.01).key
+
+
+# ------------------------------------------------------------------------------------------
+# attack presets
+# ------------------------------------------------------------------------------------------
+
+
+def test_presets_build_the_torchattacks_attacks(world):
+    model, _ = world
+    expect = {"fgsm": torchattacks.FGSM, "pgd": torchattacks.PGD, "apgd": torchattacks.APGD,
+              "eotpgd": torchattacks.EOTPGD, "autoattack": torchattacks.AutoAttack,
+              "autoattack-rand": torchattacks.AutoAttack}
+    assert atk.list_attacks() == list(expect)
+    for name, cls in expect.items():
+        built = atk.get_attack(name).build(model, eps=8 / 255, steps=3, seed=1)
+        assert isinstance(built, cls), name
+    pgd = atk.get_attack("PGD").build(model, eps=0.1, steps=4)
+    assert pgd.alpha == pytest.approx(2.5 * 0.1 / 4) and pgd.steps == 4 and pgd.random_start
+    assert atk.get_attack("pgd").build(model, eps=0.1, steps=4, alpha=0.01).alpha == 0.01
+    assert atk.default_alpha(8 / 255, 10) == pytest.approx(2 / 255)
+    assert atk.get_attack("autoattack-rand").build(model, eps=0.1).version == "rand"
+    with pytest.raises(ValueError, match="unknown attack 'cw'"):
+        atk.get_attack("cw")
+
+
+def test_presets_switch_to_eot_on_stochastic_models(world):
+    model, _ = world
+    fgsm = atk.get_attack("fgsm").build(model, eps=0.1, stochastic=True, eot_iter=5)
+    assert isinstance(fgsm, torchattacks.EOTPGD)
+    assert (fgsm.steps, fgsm.alpha, fgsm.eot_iter, fgsm.random_start) == (1, 0.1, 5, False)
+    pgd = atk.get_attack("pgd").build(model, eps=0.1, steps=3, stochastic=True, eot_iter=4)
+    assert isinstance(pgd, torchattacks.EOTPGD) and pgd.eot_iter == 4
+    assert atk.get_attack("apgd").build(model, eps=0.1, stochastic=True, eot_iter=6).eot_iter == 6
+    assert atk.get_attack("apgd").build(model, eps=0.1).eot_iter == 1
+    assert atk.get_attack("autoattack").build(model, eps=0.1, stochastic=True).version == "rand"
+    assert atk.get_attack("autoattack").build(model, eps=0.1).version == "standard"
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate(): every attack × threat × transform path
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd", "apgd", "eotpgd"])
+def test_every_attack_threat_transform_path(world, attack):
+    model, data = world
+    transforms = [ORIGINAL, *_transforms()]
+    result = evaluate(model, data, **small(attack=attack, eps=[0, 0.05], steps=[1],
+                                           transforms=transforms))
+    ens = [t for t in transforms if t != ORIGINAL]
+    # base: one white-box row per strength; each ensemble: transfer, adaptive and worst-case
+    assert len(result.records) == 2 * (1 + 3 * len(ens))
+    for r in result.records:
+        assert 0.0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1.0
+        assert r.n == 30 and r.accuracy == pytest.approx(r.correct / 30)
+        assert r.attack == attack and r.steps == 1
+        assert (r.threat == WHITEBOX) == (r.transform == ORIGINAL)
+    for t in ens:
+        for threat in ("transfer", "adaptive", WORST):
+            assert len(result.select(transform=t, threat=threat)) == 2, (t, threat)
+        # on clean images the threat models coincide
+        assert result.accuracy(t, "transfer", eps=0.0) == result.accuracy(t, "adaptive", eps=0.0)
+        assert result.accuracy(t, WORST, eps=0.0) == result.accuracy(t, "adaptive", eps=0.0)
+        # worst case: an image counts only if it survives both threat models
+        worst = result.accuracy(t, WORST, eps=0.05)
+        assert worst <= min(result.accuracy(t, "transfer", eps=0.05),
+                            result.accuracy(t, "adaptive", eps=0.05))
+    assert result.accuracy(ORIGINAL, eps=0.05) <= result.accuracy(ORIGINAL, eps=0.0)
+
+
+def test_autoattack_paths_run(world):
+    model, data = world
+    result = evaluate(model, data, **small(n=10, attack=["autoattack-rand", "autoattack"],
+                                           eps=[0.1], transforms=[ORIGINAL, "group"],
+                                           eot_iter=1))
+    assert {(r.attack, r.threat) for r in result.records} == {
+        (a, t) for a in ("autoattack", "autoattack-rand")
+        for t in (WHITEBOX, "transfer", "adaptive", WORST)}
+    assert all(r.steps is None for r in result.records)
+
+
+def test_identity_ensemble_matches_the_base_model(world):
+    """Transfer examples are shared: an ensemble of identical members sees what the base sees."""
+    model, data = world
+    result = evaluate(model, data, **small(attack="fgsm", eps=[0, 0.03, 0.1],
+                                           transforms=[ORIGINAL, "identity"],
+                                           aggregate="mean"))
+    for eps in (0.0, 0.03, 0.1):
+        base = result.accuracy(ORIGINAL, eps=eps)
+        assert result.accuracy("identity", "transfer", eps=eps) == base
+        # log-mean-softmax of identical members is log_softmax(logits): same gradient signs
+        assert result.accuracy("identity", "adaptive", eps=eps) == base
+
+
+def test_stochastic_ensembles_are_attacked_with_eot(world, monkeypatch):
+    model, data = world
+    calls = []
+
+    class SpyEOT(torchattacks.EOTPGD):
+        def __init__(self, *a, **kw):
+            calls.append(kw.get("eot_iter"))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(torchattacks, "EOTPGD", SpyEOT)
+    result = evaluate(model, data, **small(attack="fgsm", eps=[0.05], transforms=["group"],
+                                           resample_members=True, eot_iter=3, n=16))
+    assert result.settings["stochastic_targets"], "resampled ensembles must report stochastic"
+    assert calls and set(calls) == {3}
+    calls.clear()
+    evaluate(model, data, **small(attack="fgsm", eps=[0.05], transforms=["group"], n=16))
+    assert calls == []  # deterministic ensembles: plain FGSM
+
+
+def test_results_are_reproducible_and_seeded(world):
+    model, data = world
+    kw = small(attack="pgd", eps=[0.03], steps=[2], transforms=[ORIGINAL, "group"])
+    a = evaluate(model, data, **kw)
+    b = evaluate(model, data, **kw)
+    assert [r.correct for r in a.records] == [r.correct for r in b.records]
+    assert a.settings["subset"]["class_counts"] == [3] * 10
+
+
+def test_calibration_comes_from_the_training_split(world):
+    model, data = world
+    seen = {}
+
+    def factory(base, calibration, **kw):
+        seen["calibration"] = calibration.clone()
+        seen["kw"] = kw
+        from symensemble.ensemble import SymmetryEnsemble
+
+        return SymmetryEnsemble(base, calibration, **kw)
+
+    evaluate(model, data, **small(eps=[0.0], transforms=["group"], num_members=2),
+             ensemble_factory=factory)
+    cal = seen["calibration"]
+    assert cal.shape == (2 * HIDDEN, 3, 32, 32)
+    assert seen["kw"]["num_members"] == 2 and seen["kw"]["samples_per_member"] == HIDDEN
+    def rows_in(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        return (rows.flatten(1)[:, None] == pool.flatten(1)[None]).all(-1).any(-1)
+
+    assert rows_in(cal, data.train.float_images()).all()
+    assert not rows_in(cal, data.test.float_images()).any()
+
+
+def test_sweeps_build_one_ensemble_per_cell(world):
+    model, data = world
+    result = evaluate(model, data, **small(eps=[0.0], transforms=["group", "ginv"],
+                                           num_members=[2, 3], ensemble_eps=[1.0, 0.01],
+                                           threat="transfer"))
+    cells = {(r.transform, r.num_members, r.ensemble_eps) for r in result.records
+             if r.transform != ORIGINAL}
+    assert len(cells) == 2 * 2 * 2
+    assert {r.threat for r in result.records} == {WHITEBOX, "transfer"}
+
+
+def test_iterative_grid_over_steps(world):
+    model, data = world
+    result = evaluate(model, data, **small(attack="pgd", eps=[0.3], steps=[0, 1, 2],
+                                           alpha=0.01, transforms=[ORIGINAL]))
+    steps = sorted(r.steps for r in result.records)
+    assert steps == [0, 1, 2]
+    clean = result.select(steps=0)[0]
+    assert clean.alpha is None and result.select(steps=2)[0].alpha == 0.01
+
+
+def test_bad_arguments_raise_value_errors(world):
+    model, data = world
+    for kw, match in [(dict(attack="cw"), "unknown attack"),
+                      (dict(threat="greybox"), "unknown threat"),
+                      (dict(transforms=["original", "bogus"]), "unknown transform"),
+                      (dict(aggregate="median"), "unknown aggregate"),
+                      (dict(eps=[0.1, 2.0]), "outside"),
+                      (dict(n=0), "n must be"),
+                      (dict(n=10_000), "between 1 and"),
+                      (dict(batch_size=0), "batch_size"),
+                      (dict(num_members=0), "num_members"),
+                      (dict(ensemble_eps=-1), "ensemble_eps"),
+                      (dict(steps=[-1]), "steps")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(model, data, **small(**kw))
+    with pytest.raises(ValueError, match=".train"):
+        evaluate(model, object(), **small())
+
+
+def test_accuracy_lookup_errors_name_the_filters(world):
+    model, data = world
+    result = evaluate(model, data, **small(eps=[0, 0.05], transforms=[ORIGINAL]))
+    with pytest.raises(KeyError, match="narrow the filters"):
+        result.accuracy(ORIGINAL)
+    assert 0 <= result.accuracy(ORIGINAL, eps=0.05) <= 1
+
+
+# ------------------------------------------------------------------------------------------
+# sanity checks: unit level on synthetic records …
+# ------------------------------------------------------------------------------------------
+
+
+def rec(transform="group", threat="transfer", attack="fgsm", eps=0.01, steps=1, acc=0.5,
+        n=1000, **kw) -> Record:
+    correct = round(acc * n)
+    lo, hi = wilson_interval(correct, n)
+    return Record(transform, threat, attack, eps, steps, correct / n, lo, hi, n, correct,
+                  kw.get("num_members", 10), kw.get("ensemble_eps", 1.0))
+
+
+def test_sanity_checks_each_warning_on_synthetic_records():
+    ok = [rec(eps=0, acc=0.6), rec(eps=0.01, acc=0.3), rec(eps=0.02, acc=0.1)]
+    assert sanity_checks(ok) == []
+    # 1. non-monotonic in eps
+    bad = [rec(eps=0, acc=0.6), rec(eps=0.01, acc=0.2), rec(eps=0.02, acc=0.5)]
+    assert any(w.startswith("[non-monotonic]") for w in sanity_checks(bad))
+    # ... and in steps
+    bad = [rec(attack="pgd", eps=0.1, steps=1, acc=0.2), rec(attack="pgd", eps=0.1, steps=5,
+                                                               acc=0.4)]
+    assert any("steps=5" in w for w in sanity_checks(bad) if w.startswith("[non-monotonic]"))
+    # 2. iterative weaker than FGSM
+    warns = sanity_checks([rec(attack="pgd", steps=10, acc=0.4)], [rec(acc=0.2)])
+    assert [w for w in warns if w.startswith("[iterative-weaker]")]
+    # 3. adaptive weaker than transfer
+    warns = sanity_checks([rec(threat="transfer", acc=0.2), rec(threat="adaptive", acc=0.45)])
+    assert [w for w in warns if w.startswith("[gradient-masking]")]
+    # 4. large eps leaves accuracy
+    warns = sanity_checks([], [rec(attack="pgd", threat="adaptive", eps=LARGE_EPS, steps=10,
+                                   acc=0.3)])
+    assert [w for w in warns if w.startswith("[large-eps]")]
+    assert sanity_checks([], [rec(attack="pgd", threat="adaptive", eps=LARGE_EPS, acc=0.0)]) == []
+    # a chance-level (near-constant) classifier keeps its class share: not gradient masking
+    at_chance = [rec(threat="adaptive", eps=0, acc=0.104),
+                 rec(attack="pgd", threat="adaptive", eps=LARGE_EPS, steps=10, acc=0.102)]
+    assert sanity_checks([], at_chance, num_classes=10) == []
+
+
+def test_sanity_checks_ignore_sampling_noise_at_chance():
+    noise = [rec(transform="shuffle", eps=e, acc=a, n=1000)
+             for e, a in [(0, 0.098), (0.003, 0.104), (0.006, 0.095), (0.009, 0.112)]]
+    noise += [rec(transform="shuffle", threat="adaptive", eps=e, acc=a + 0.01)
+              for e, a in [(0.003, 0.104), (0.006, 0.095), (0.009, 0.112)]]
+    assert sanity_checks(noise) == []
+
+
+# ------------------------------------------------------------------------------------------
+# … and end to end: contrived gradient-masking models trigger them
+# ------------------------------------------------------------------------------------------
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _LatticeGrad(torch.autograd.Function):
+    """Gradient only on the 1/255 lattice of clean images; zero anywhere else."""
+
+    @staticmethod
+    def forward(ctx, x):
+        on = ((x * 255 - (x * 255).round()).abs() < 1e-3).float()
+        ctx.save_for_backward(on)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (on,) = ctx.saved_tensors
+        return grad * on
+
+
+class _ZeroGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+class Masked(nn.Module):
+    """``inner`` behind an input gate that corrupts the gradient (forward unchanged)."""
+
+    def __init__(self, inner: nn.Module, gate: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.gate = gate
+        self.head = getattr(inner, "head", None)
+
+    @property
+    def aggregate(self):
+        return self.inner.aggregate
+
+    @aggregate.setter
+    def aggregate(self, value):
+        self.inner.aggregate = value
+
+    @property
+    def is_stochastic(self):
+        return getattr(self.inner, "is_stochastic", False)
+
+    def forward(self, x):
+        return self.inner(self.gate.apply(x))
+
+
+def test_reversed_gradients_trigger_monotonic_and_large_eps_warnings(world):
+    _, data = world
+    weak = tiny_model(data, steps=15)  # ~35% clean accuracy: room for "attacks" to help it
+    result = evaluate(Masked(weak, _ReverseGrad), data,
+                      **small(n=40, attack="pgd", eps=[0, 0.1, 0.3], steps=[10],
+                              transforms=[ORIGINAL], sanity=True))
+    kinds = {w.split("]")[0] + "]" for w in result.warnings}
+    assert "[non-monotonic]" in kinds and "[large-eps]" in kinds, result.warnings
+    assert any(p.attack == "pgd" and p.eps == LARGE_EPS for p in result.probes)
+
+
+def test_lattice_gradients_trigger_iterative_weaker_warning(world):
+    model, data = world
+    result = evaluate(Masked(model, _LatticeGrad), data,
+                      **small(n=40, attack="pgd", eps=[0.1], steps=[5], transforms=[ORIGINAL],
+                              sanity=True))
+    assert any(w.startswith("[iterative-weaker]") for w in result.warnings), result.warnings
+    assert any(p.attack == "fgsm" for p in result.probes)  # the single-step reference probe
+
+
+def test_masked_ensemble_triggers_gradient_masking_warning(world):
+    model, data = world
+
+    def factory(base, calibration, **kw):
+        from symensemble.ensemble import SymmetryEnsemble
+
+        return Masked(SymmetryEnsemble(base, calibration, **kw), _ZeroGrad)
+
+    result = evaluate(model, data, **small(n=40, attack="fgsm", eps=[0.1, 0.3],
+                                           transforms=["group"], ensemble_eps=0.01,
+                                           sanity=True),
+                      ensemble_factory=factory)
+    kinds = {w.split("]")[0] + "]" for w in result.warnings}
+    assert "[gradient-masking]" in kinds, result.warnings
+    assert "[large-eps]" in kinds  # the adaptive large-eps probe cannot move a zero gradient
+    assert not any("original" in w for w in result.warnings)  # the base model is healthy
+
+
+def test_healthy_model_passes_the_checks(world):
+    model, data = world
+    result = evaluate(model, data, **small(n=40, attack="fgsm", eps=[0, 0.1, 0.3],
+                                           transforms=[ORIGINAL], sanity=True))
+    assert result.warnings == []
+    probe = [p for p in result.probes if p.eps == LARGE_EPS][0]
+    assert probe.accuracy <= 0.05
+
+
+def test_differentiable_view_restores_the_aggregate(world):
+    model, data = world
+    from symensemble.ensemble import SymmetryEnsemble
+
+    ens = SymmetryEnsemble(model, data.train.float_images()[: 2 * HIDDEN], num_members=2,
+                           eps=0.1, aggregate="vote")
+    view = DifferentiableView(ens)
+    x = data.test.float_images()[:4].requires_grad_()
+    out = view(x)
+    assert ens.aggregate == "vote"
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    src_key, module, stochastic = get_threat("adaptive").source(
+        Target(ORIGINAL, model), Target("group", ens, 2, 0.1))
+    assert isinstance(module, DifferentiableView) and not stochastic and "group" in src_key
+    assert math.isfinite(float(out.detach().sum()))
