@@ -35,7 +35,9 @@ import logging
 import math
 import os
 import platform
+import sys
 import time
+import types
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -1084,8 +1086,6 @@ def load_evaluation_recipe(path_or_name: str | os.PathLike) -> EvaluationRecipe:
     Raises:
         ValueError: missing file, bad TOML, no ``[evaluate]`` table or unknown keys in it.
     """
-    import sys
-
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -1112,3 +1112,20 @@ def load_evaluation_recipe(path_or_name: str | os.PathLike) -> EvaluationRecipe:
         raise ValueError(f"{path}: [paper] must be a table")
     return EvaluationRecipe(title=str(payload.get("title", path.stem)), settings=settings,
                             paper=paper, path=path)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``symensemble.evaluate(...)`` call :func:`evaluate` in every import order.
+
+    ``symensemble.evaluate`` names both this module and its main function. Importing the
+    module (``from symensemble.evaluate import ...``, or any package module doing so) binds
+    the package attribute ``symensemble.evaluate`` to the module, hiding the lazily exported
+    function; calling the module forwards to the function, so ``se.evaluate(model, ...)``
+    works either way.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> EvaluationResult:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

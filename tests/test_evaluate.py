@@ -508,3 +508,12 @@ def test_differentiable_view_restores_the_aggregate(world):
         Target(ORIGINAL, model), Target("group", ens, 2, 0.1))
     assert isinstance(module, DifferentiableView) and not stochastic and "group" in src_key
     assert math.isfinite(float(out.detach().sum()))
+
+
+def test_package_level_evaluate_is_callable_in_any_import_order(world):
+    import symensemble.evaluate as module  # binds the package attribute to the module
+
+    model, data = world
+    assert callable(se.evaluate) and callable(module)
+    result = se.evaluate(model, data, **small(eps=[0.0], transforms=[ORIGINAL], n=10))
+    assert result.records[0].n == 10
