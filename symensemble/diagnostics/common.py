@@ -134,9 +134,7 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def rk4_step(
-    grad: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float
-) -> torch.Tensor:
+def rk4_step(grad: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
     """One classical Runge–Kutta step of the gradient flow ẋ = −∇L(x) (eq. 10)."""
     k1 = grad(x)
     k2 = grad(x - (0.5 * dt) * k1)

@@ -74,17 +74,14 @@ def q_controlled_init(
         try:
             c = float(orbit_scale_for_target(f2, f1 / alpha, -float(target), alpha))
         except ValueError as err:
-            raise ValueError(
-                f"Q = {target:g} is unreachable along the {a.name} orbit: {err}"
-            ) from None
+            raise ValueError(f"Q = {target:g} is unreachable along the {a.name} orbit: {err}") from None
         return U * c ** (-alpha), V * c, "orbit"
     if float(f1) <= 0:
         raise ValueError("U is zero: Q cannot be controlled by rescaling it")
     c2 = (float(target) + float(f2)) / float(f1)
     if c2 <= 0:
         raise ValueError(
-            f"Q = {target:g} is unreachable for {a.name!r} by rescaling U: "
-            f"Q >= -f2(V) = {-float(f2):.4g}"
+            f"Q = {target:g} is unreachable for {a.name!r} by rescaling U: Q >= -f2(V) = {-float(f2):.4g}"
         )
     return U * math.sqrt(c2), V, "rescale_U"
 
@@ -180,8 +177,7 @@ def convergence_elementwise(
     checks = {
         name: {
             "same_initial_loss": bool(
-                max(r["initial_loss"]) - min(r["initial_loss"])
-                <= 1e-9 * max(1.0, max(r["initial_loss"]))
+                max(r["initial_loss"]) - min(r["initial_loss"]) <= 1e-9 * max(1.0, max(r["initial_loss"]))
             ),
             "Q_spread_changes_convergence": len(set(r["steps_to_threshold"])) > 1,
             "fastest_Q": r["targets"][
@@ -292,9 +288,7 @@ def convergence_radial(
     record = log_spaced_steps(steps, num_records)
     curves, sx_rec = [], []
     with single_thread():
-        for s in tqdm(
-            range(steps + 1), desc="convergence [radial]", disable=not progress, mininterval=2.0
-        ):
+        for s in tqdm(range(steps + 1), desc="convergence [radial]", disable=not progress, mininterval=2.0):
             loss, gU, gV, X = _radial_loss_and_grads(Y, U, V)
             if s in record:
                 curves.append(loss)

@@ -136,9 +136,7 @@ def q_distribution(
         init_variances(init, 1, 1, 1)
     results = []
     jobs = [(init, cfg) for init in inits for cfg in configs]
-    for idx, (init, (m, h, n, act)) in enumerate(
-        tqdm(jobs, desc="q distribution", disable=not progress)
-    ):
+    for idx, (init, (m, h, n, act)) in enumerate(tqdm(jobs, desc="q distribution", disable=not progress)):
         create_activation(act)
         gen = torch.Generator().manual_seed(seed * 1000 + idx)
         q = sample_q(act, m, h, n, init, samples=samples, generator=gen)
@@ -189,9 +187,7 @@ def plot_q_distribution(result: dict[str, Any], path) -> None:
     plt = pyplot()
     rows = list(dict.fromkeys(r["init"] for r in result["results"]))
     cols = list(dict.fromkeys((r["m"], r["h"], r["n"], r["activation"]) for r in result["results"]))
-    fig, axes = plt.subplots(
-        len(rows), len(cols), figsize=(3.1 * len(cols), 2.6 * len(rows)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.1 * len(cols), 2.6 * len(rows)), squeeze=False)
     for r in result["results"]:
         ax = axes[rows.index(r["init"]), cols.index((r["m"], r["h"], r["n"], r["activation"]))]
         edges = np.asarray(r["hist_edges"])
@@ -204,9 +200,7 @@ def plot_q_distribution(result: dict[str, Any], path) -> None:
         )
         ax.axvline(r["expected"], color="k", ls="--", lw=1, label="E[Q]")
         ax.axvline(r["mean"], color="tab:red", lw=1, label="mean")
-        ax.set_title(
-            f"{r['activation']} (m,h,n)=({r['m']},{r['h']},{r['n']})\n{r['init']}", fontsize=8
-        )
+        ax.set_title(f"{r['activation']} (m,h,n)=({r['m']},{r['h']},{r['n']})\n{r['init']}", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
     for ax in axes[-1]:

@@ -68,9 +68,7 @@ def _train_one(
         e1_violations = torch.zeros(R, dtype=torch.long)
         e1_identity_err = torch.zeros(R, dtype=U0.dtype)
         eps = torch.finfo(U0.dtype).eps
-    for t in tqdm(
-        range(steps + 1), desc=f"q dynamics [{act.name}]", disable=not progress, mininterval=2.0
-    ):
+    for t in tqdm(range(steps + 1), desc=f"q dynamics [{act.name}]", disable=not progress, mininterval=2.0):
         loss, gU, gV = problem.loss_and_grads(U, V)
         f1, f2 = q_terms(U, V)
         dq = (f1 - f2).abs() / norm - qt0
@@ -101,8 +99,8 @@ def _train_one(
     out: dict[str, Any] = {
         "lr": list(lrs),
         "steps": rec_steps,
-        "loss": torch.stack(rec_loss, 1).tolist(),
-        "dQ_tilde": torch.stack(rec_dq, 1).tolist(),
+        "loss": torch.stack(rec_loss, 1).tolist(),  # (num lrs, num steps)
+        "dQ_tilde": torch.stack(rec_dq, 1).tolist(),  # (num lrs, num steps)
         "initial_loss": float(rec_loss[0][0]),
         "final_loss": rec_loss[-1].tolist(),
         "final_dQ_tilde": rec_dq[-1].tolist(),
@@ -177,9 +175,7 @@ def q_dynamics(
     for name, res in results.items():
         mx = res["max_abs_dQ_tilde"]
         checks["max_abs_dQ_tilde"][name] = max(mx)
-        checks["grows_with_lr"][name] = all(
-            mx[a] <= mx[b] for a, b in zip(order, order[1:], strict=False)
-        )
+        checks["grows_with_lr"][name] = all(mx[a] <= mx[b] for a, b in zip(order, order[1:], strict=False))
         checks["loss_decreased"][name] = all(f < res["initial_loss"] for f in res["final_loss"])
     if "identity" in results:
         checks["prop_e1_holds"] = results["identity"]["prop_e1"]["holds"]
@@ -190,15 +186,13 @@ def plot_q_dynamics(result: dict[str, Any], path) -> None:
     """Figure 3: ΔQ̃ (top) and loss (bottom) against steps, one column per activation."""
     plt = pyplot()
     names = list(result["results"])
-    fig, axes = plt.subplots(
-        2, len(names), figsize=(3.6 * len(names), 5.2), sharex="col", squeeze=False
-    )
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 5.2), sharex="col", squeeze=False)
     for j, name in enumerate(names):
         res = result["results"][name]
         steps = res["steps"]
         for i, lr in enumerate(res["lr"]):
-            axes[0, j].plot(steps, [row[i] for row in res["dQ_tilde"]], label=f"lr={lr:g}")
-            axes[1, j].plot(steps, [row[i] for row in res["loss"]], label=f"lr={lr:g}")
+            axes[0, j].plot(steps, res["dQ_tilde"][i], label=f"lr={lr:g}")
+            axes[1, j].plot(steps, res["loss"][i], label=f"lr={lr:g}")
         axes[0, j].set_title(name)
         axes[1, j].set_yscale("log")
         axes[1, j].set_xlabel("training step")

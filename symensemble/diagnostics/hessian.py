@@ -71,7 +71,9 @@ def hvp_fn(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Mat
     grad = torch.func.grad(loss)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad, (x,), (v,))[1]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            return torch.func.jvp(grad, (x,), (v,))[1]
 
     return matvec
 
@@ -150,9 +152,7 @@ def hutchinson_trace(
 # ----------------------------------------------------------------------------------------------
 
 
-def _orbit_info(
-    act: str, h: int, n: int, m: int, U: torch.Tensor, V: torch.Tensor
-) -> dict[str, Any]:
+def _orbit_info(act: str, h: int, n: int, m: int, U: torch.Tensor, V: torch.Tensor) -> dict[str, Any]:
     a = create_activation(act)
     try:
         kind, _ = group_kind_for_activation(a)
@@ -262,15 +262,11 @@ def hessian_study(
                         generator=torch.Generator().manual_seed(seed),
                     )
                     k = min(5, ritz.numel())
-                    run["lanczos_check_top5_abs_err"] = float(
-                        (ritz.flip(0)[:k] - ev.flip(0)[:k]).abs().max()
-                    )
+                    run["lanczos_check_top5_abs_err"] = float((ritz.flip(0)[:k] - ev.flip(0)[:k]).abs().max())
             else:
                 mv = hvp_fn(loss_flat, x)
                 ritz = lanczos(mv, d, lanczos_iters, generator=torch.Generator().manual_seed(seed))
-                tr, tr_se = hutchinson_trace(
-                    mv, d, 32, generator=torch.Generator().manual_seed(seed)
-                )
+                tr, tr_se = hutchinson_trace(mv, d, 32, generator=torch.Generator().manual_seed(seed))
                 run.update(
                     {
                         "method": "lanczos",
@@ -317,30 +313,40 @@ def one_dimensional_example(
     qs: Sequence[float] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0),
     *,
     product0: float = 0.2,
-    lr: float = 0.01,
-    steps: int = 5000,
+    dt: float = 0.01,
+    time: float = 60.0,
 ) -> dict[str, Any]:
     """App. H.1, eqs. 81–83: L = ½(1 − UV)² in one dimension.
 
-    For each Q, gradient descent starts at (U₀, V₀) with U₀² − V₀² = Q and U₀V₀ = ``product0``
-    and runs to the minimum UV = 1; the Hessian there is compared with the closed forms
+    For each Q, the gradient flow (RK4, step ``dt``, up to ``time``) starts at (U₀, V₀) with
+    U₀² − V₀² = Q and U₀V₀ = ``product0`` and runs to the minimum UV = 1 on the flow line of
+    that Q (Figure 8); the Hessian there is compared with the closed forms
     λ = 0 and √(Q² + 4) (½-loss) — and 2√(Q² + 4), the paper's eq. 83, which holds for the
     loss (1 − UV)² without the ½.
 
     Returns:
-        Per Q: the reached Q (conserved up to O(lr²)), the numerical eigenvalues for both loss
+        Per Q: the reached Q (conserved), the numerical eigenvalues for both loss
         conventions, the closed forms and the largest absolute error.
     """
     rows = []
     max_err = 0.0
     for q in qs:
         r = math.sqrt(q * q + 4 * product0 * product0)
-        u = torch.tensor(math.sqrt((q + r) / 2), dtype=torch.float64)
-        v = torch.tensor(math.sqrt((-q + r) / 2), dtype=torch.float64)
-        for _ in range(steps):
-            res = 1 - u * v
-            u, v = u + lr * res * v, v + lr * res * u
-        x = torch.stack([u, v])
+        u, v = math.sqrt((q + r) / 2), math.sqrt((-q + r) / 2)
+
+        def vel(a: float, b: float) -> tuple[float, float]:
+            res = 1 - a * b  # −∇L = ((1 − UV)V, (1 − UV)U)
+            return res * b, res * a
+
+        for _ in range(int(round(time / dt))):
+            k1 = vel(u, v)
+            k2 = vel(u + 0.5 * dt * k1[0], v + 0.5 * dt * k1[1])
+            k3 = vel(u + 0.5 * dt * k2[0], v + 0.5 * dt * k2[1])
+            k4 = vel(u + dt * k3[0], v + dt * k3[1])
+            u += dt / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+            v += dt / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+        x = torch.tensor([u, v], dtype=torch.float64)
+        u, v = x[0], x[1]
 
         def half(z: torch.Tensor) -> torch.Tensor:
             return 0.5 * (1 - z[0] * z[1]) ** 2
@@ -376,9 +382,7 @@ def plot_hessian(result: dict[str, Any], path) -> None:
     """Figure 9: histograms of the nonzero Hessian eigenvalues per activation, one per Q."""
     plt = pyplot()
     names = list(result["results"])
-    fig, axes = plt.subplots(
-        1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False
-    )
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         for run in result["results"][name]["runs"]:
             ev = torch.tensor(run.get("eigenvalues") or run["top"])

@@ -59,9 +59,7 @@ def head_q_summary(model: nn.Module) -> dict[str, Any]:
     per_unit = row - alpha * col
     out: dict[str, Any] = {
         "activation": act.config(),
-        "group": None
-        if kind is None
-        else LinearSymmetry.for_activations([act], [V.shape[0]]).groups[0].name,
+        "group": None if kind is None else LinearSymmetry.for_activations([act], [V.shape[0]]).groups[0].name,
         "alpha": alpha,
         "conserved": kind in ("gl", "scaling"),
         "per_unit": per_unit.tolist(),
@@ -100,9 +98,7 @@ def inspect_model(model: nn.Module) -> dict[str, Any]:
             "group": sym.groups[0].name,
             "group_dim": sym.dim,
             "orbit_dim": sym.orbit_dimension(params, method="gram"),
-            "orbit_dim_formula": orbit_dimension_formula(
-                kind, n, h, m, bias=params.biases[0] is not None
-            ),
+            "orbit_dim_formula": orbit_dimension_formula(kind, n, h, m, bias=params.biases[0] is not None),
             "orbit_dim_paper_table": paper_orbit_dimension(kind, n, h, m),
         }
     else:
@@ -130,8 +126,7 @@ def plot_inspection(info: dict[str, Any], path, title: str = "") -> None:
     ax.legend(fontsize=7)
     group = layer["group"] or "no linear symmetry"
     ax.set_title(
-        f"{title} head Q per unit ({layer['activation']['name']}, {group}); "
-        f"total {layer['total']:.4g}",
+        f"{title} head Q per unit ({layer['activation']['name']}, {group}); total {layer['total']:.4g}",
         fontsize=9,
     )
     fig.tight_layout()

@@ -53,6 +53,7 @@ __all__ = [
     "hessian_trace_terms",
     "head_hessian_trace",
     "head_top_eigenvalue",
+    "reduce_features",
     "flattest_scales",
     "teleport",
 ]
@@ -109,9 +110,7 @@ def unit_scales_for_q(
     if per_unit is not None:
         t = torch.as_tensor(per_unit, dtype=torch.float64)
         if t.shape != a.shape:
-            raise ValueError(
-                f"per_unit needs {a.numel()} targets (one per hidden unit), got {t.numel()}"
-            )
+            raise ValueError(f"per_unit needs {a.numel()} targets (one per hidden unit), got {t.numel()}")
         return orbit_scale_for_target(a, b, t, alpha)
     c = orbit_scale_for_target(a.sum(), b.sum(), float(total), alpha)
     return c.expand_as(a).clone()
@@ -127,9 +126,7 @@ def apply_unit_scales(model: nn.Module, c: torch.Tensor, *, inplace: bool = Fals
     """The model with its head moved by g = diag(c) (a deep copy unless ``inplace``)."""
     params, act, alpha = teleport_group(model)
     if c.shape != (params.widths[1],) or not bool((c > 0).all()):
-        raise ValueError(
-            f"c must be {params.widths[1]} positive scales, got shape {tuple(c.shape)}"
-        )
+        raise ValueError(f"c must be {params.widths[1]} positive scales, got shape {tuple(c.shape)}")
     target = model if inplace else copy.deepcopy(model)
     load_stack_params(target, scale_params(params, c.to(torch.float64), alpha))
     return target
@@ -140,9 +137,7 @@ def apply_unit_scales(model: nn.Module, c: torch.Tensor, *, inplace: bool = Fals
 # ----------------------------------------------------------------------------------------------
 
 
-def _act_derivatives(
-    act: Activation, Z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _act_derivatives(act: Activation, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     z = Z.detach().requires_grad_(True)
     with torch.enable_grad():
         s = act(z)
@@ -197,6 +192,25 @@ def _loss_flat(params: StackParams, act: Activation, X: torch.Tensor, y: torch.T
     return loss
 
 
+def reduce_features(params: StackParams, features: torch.Tensor) -> tuple[StackParams, torch.Tensor]:
+    """Rotate the head's input space onto the span of the N feature vectors (N < d).
+
+    With Xᵀ = Q R (thin QR, Q ∈ R^{d×N}), the loss depends on V only through X Vᵀ =
+    (XQ)(VQ)ᵀ, so the Hessian in the head parameters is Pᵀ H_r P for the orthonormal map
+    P: V ↦ VQ, plus exact zeros: the nonzero spectrum (top eigenvalue, trace) is that of the
+    small head with features XQ (N × N) and weights VQ (h × N). Returns (θ_r, XQ); unchanged when
+    N ≥ d. Scaling a hidden unit commutes with the rotation.
+    """
+    X = features.to(params.dtype)
+    N, d = X.shape
+    if N >= d:
+        return params, X
+    Q, _ = torch.linalg.qr(X.T)  # (d, N)
+    V = params.weights[0]
+    reduced = StackParams((V @ Q, params.weights[1]), params.biases)
+    return reduced, X @ Q
+
+
 def head_top_eigenvalue(
     params: StackParams,
     act: Activation,
@@ -207,12 +221,10 @@ def head_top_eigenvalue(
     seed: int = 0,
 ) -> float:
     """Largest eigenvalue of the head-parameter Hessian of the mean cross-entropy (Lanczos)."""
-    X = features.to(params.dtype)
+    params, X = reduce_features(params, features)
     flat = params.flatten()
     mv = hvp_fn(_loss_flat(params, act, X, labels), flat)
-    ritz = lanczos(
-        mv, flat.numel(), iters, generator=torch.Generator().manual_seed(seed), dtype=params.dtype
-    )
+    ritz = lanczos(mv, flat.numel(), iters, generator=torch.Generator().manual_seed(seed), dtype=params.dtype)
     return float(ritz[-1])
 
 
@@ -254,11 +266,13 @@ def flattest_scales(
     if objective == "trace":
         return c, info
 
+    small, X_small = reduce_features(params, features)
+
     def top(lc: torch.Tensor) -> float:
         return head_top_eigenvalue(
-            scale_params(params, torch.exp(lc), alpha),
+            scale_params(small, torch.exp(lc), alpha),
             act,
-            features,
+            X_small,
             labels,
             iters=iters,
             seed=seed,
@@ -324,9 +338,7 @@ def teleport(
         features, the Hessian trace (and top eigenvalue) before and after.
     """
     if sum(x is not None for x in (total, per_unit, flattest)) != 1:
-        raise ValueError(
-            "give exactly one of a total target Q, per-unit targets, or flattest=trace|top"
-        )
+        raise ValueError("give exactly one of a total target Q, per-unit targets, or flattest=trace|top")
     params, act, alpha = teleport_group(model)
     q_before = homogeneous_q(params, alpha)[0]
     report: dict[str, Any] = {"alpha": alpha, "activation": act.config()}
