@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shard", "all_reduce_sum", "rank_device",
-           "is_main_process"]
+           "is_main_process", "shutdown"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,3 +113,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo, device: str | torch.dev
     work = tensor.to(rank_device(device, info) if info.backend == "nccl" else "cpu").clone()
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(tensor.device)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one is initialized (end of a ``torchrun`` command).
+
+    No barrier: after the counts are summed no collective remains, and a rank that failed
+    must not leave the others waiting.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -856,6 +856,8 @@ def evaluate(
     if not isinstance(eot_iter, int) or eot_iter < 1:
         raise ValueError(f"eot_iter must be a positive integer, got {eot_iter!r}")
     strengths = _strengths(attacks, eps_list, steps_list, alpha_value)
+    if steps_list and not any(get_attack(a).iterative for a in attacks):
+        log.warning("steps=%s ignored: %s take no step count", steps_list, attacks)
 
     # ---- processes, model, data
     dist_info: DistInfo = init_distributed(device)

@@ -12,7 +12,7 @@ import click
 from ..attacks import DEFAULT_EOT_ITER, list_attacks
 from ..evaluate import DEFAULT_TRANSFORMS, ORIGINAL, PAPER_FGSM_EPS, THREATS, parse_eps
 
-__all__ = ["command", "CommaList", "run_evaluation"]
+__all__ = ["command", "CommaList", "run_evaluation", "evaluate_or_fail", "resolve_device"]
 
 
 class CommaList(click.ParamType):
@@ -99,6 +99,26 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def evaluate_or_fail(settings: dict[str, Any], *, quiet: bool, context: str = ""):
+    """:func:`symensemble.evaluate` with library errors turned into click errors.
+
+    A bad checkpoint names ``--checkpoint``, bad data ``--data``; any other ``ValueError`` is
+    a usage error (prefixed with ``context``, e.g. the recipe path).
+    """
+    from ..checkpoint import CheckpointError
+    from ..data import DataError
+    from ..evaluate import evaluate
+
+    try:
+        return evaluate(**settings, progress=not quiet)
+    except CheckpointError as err:
+        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
+    except DataError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+    except (ValueError, TypeError) as err:
+        raise click.UsageError(f"{context}{err}") from None
+
+
 def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool, quiet: bool
                    ) -> None:
     """Run :func:`symensemble.evaluate` with ``settings``, print the table, write ``out``.
@@ -106,22 +126,15 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
     Library errors become click errors naming the option at fault. Only rank 0 prints and
     writes under ``torchrun``.
     """
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
-    from ..distributed import is_main_process
-    from ..evaluate import evaluate
+    from ..distributed import is_main_process, shutdown
     from ..report import markdown_table, warnings_text, write_results
 
     try:
-        result = evaluate(**settings, progress=not quiet)
-    except CheckpointError as err:
-        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
-    except DataError as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    if not is_main_process():
-        return
+        result = evaluate_or_fail(settings, quiet=quiet)
+        if not is_main_process():
+            return
+    finally:
+        shutdown()
     if out is None:
         out = Path("runs") / f"attack-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_results(result, out, figures=figures)

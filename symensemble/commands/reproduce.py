@@ -44,12 +44,10 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
       paper_fig11_fgsm  FGSM grid, transfer and adaptive
       paper_fig11_pgd   PGD iterations grid (eps 0.3, step 0.01), transfer and adaptive
     """
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
-    from ..distributed import is_main_process
-    from ..evaluate import evaluate, load_evaluation_recipe
+    from ..distributed import is_main_process, shutdown
+    from ..evaluate import load_evaluation_recipe
     from ..report import compare_with_paper, markdown_table, warnings_text, write_results
-    from .attack import resolve_device
+    from .attack import evaluate_or_fail, resolve_device
 
     try:
         spec = load_evaluation_recipe(recipe)
@@ -63,15 +61,11 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
     if not quiet and is_main_process():
         click.echo(f"{spec.title}  [{spec.path}]")
     try:
-        result = evaluate(**settings, progress=not quiet)
-    except CheckpointError as err:
-        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
-    except DataError as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
-    except (ValueError, TypeError) as err:
-        raise click.UsageError(f"{spec.path}: {err}") from None
-    if not is_main_process():
-        return
+        result = evaluate_or_fail(settings, quiet=quiet, context=f"{spec.path}: ")
+        if not is_main_process():
+            return
+    finally:
+        shutdown()
     result.settings["recipe"] = {"path": str(spec.path), "title": spec.title}
     if out is None:
         out = Path("runs") / f"{spec.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,162 @@
+"""Overhead of the evaluation harness and of attacking an ensemble, printed as JSON.
+
+Claims measured (one run, same machine, interleaved repeats, best of ``--repeats``):
+
+1. ``evaluate_vs_torchattacks``: PGD-10 (eps 8/255, step 2/255) through
+   ``symensemble.evaluate`` divided by torchattacks' ``PGD`` called directly on the same model,
+   images and batches, accuracy counting included in both (target ≤ 1.05).
+2. ``ensemble_vs_single``: adaptive PGD-10 on a 200-member ``group`` ensemble (through its
+   differentiable ``mean`` aggregate, as the adaptive threat model runs it) divided by PGD-10
+   on the single model (target ≤ 1.5). Ensemble construction is timed separately.
+
+Uses the shipped ``paper_cnn`` checkpoint and CIFAR-10 test images when present, else a
+randomly initialized paper CNN and random images (the timing does not depend on weights).
+
+    python benchmarks/attack_overhead.py [--n 500] [--batch-size 250] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+import torchattacks
+
+import symensemble as se
+from symensemble.attacks import get_attack
+from symensemble.evaluate import DifferentiableView, evaluate, stratified_subset
+
+EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
+
+
+def _model(device: str):
+    try:
+        return se.load_model("paper_cnn", device=device), "checkpoint:paper_cnn"
+    except (ValueError, OSError):
+        torch.manual_seed(0)
+        return se.create_model("paper_cnn").to(device).eval(), "random-init paper_cnn"
+
+
+def _data(n_min: int):
+    try:
+        data = se.load_cifar10(val_size=0)
+        return data, f"cifar10 ({data.source})"
+    except ValueError:
+        gen = torch.Generator().manual_seed(0)
+        split = SimpleNamespace(
+            images=torch.randint(0, 256, (max(n_min, 4000), 3, 32, 32), generator=gen,
+                                 dtype=torch.uint8),
+            labels=torch.arange(10).repeat_interleave(max(n_min, 4000) // 10))
+        return SimpleNamespace(train=split, test=split, classes=tuple(range(10)),
+                               source="random"), "random images"
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=500, help="test images")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--members", type=int, default=200, help="ensemble size G")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    model, model_source = _model(args.device)
+    data, data_source = _data(args.n)
+    idx = stratified_subset(data.test.labels, args.n, seed=0)
+    x_all = data.test.images[idx].float().div(255)
+    y_all = data.test.labels[idx]
+    batches = [(x_all[i:i + args.batch_size].to(args.device),
+                y_all[i:i + args.batch_size].to(args.device))
+               for i in range(0, args.n, args.batch_size)]
+
+    def direct() -> float:
+        correct = 0
+        for b, (x, y) in enumerate(batches):
+            torch.manual_seed(b)
+            adv = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS)(x, y)
+            with torch.no_grad():
+                correct += int((model(adv).argmax(1) == y).sum())
+        return correct / args.n
+
+    def harness() -> float:
+        result = evaluate(model, data, n=args.n, attack="pgd", eps=[EPS], steps=[STEPS],
+                          alpha=ALPHA, transforms=["original"], threat=["transfer"],
+                          sanity=False, batch_size=args.batch_size, device=args.device)
+        return result.records[0].accuracy
+
+    t_direct, t_harness = [], []
+    acc_direct = acc_harness = None
+    for _ in range(args.repeats):
+        t, acc_direct = _timed(direct)
+        t_direct.append(t)
+        t, acc_harness = _timed(harness)
+        t_harness.append(t)
+
+    # adaptive PGD-10 on a G-member group ensemble vs the single model
+    cal = data.train.images[torch.randperm(len(data.train.labels),
+                                           generator=torch.Generator().manual_seed(1))]
+    h = model.head.hidden_features
+    cal = cal[: args.members * h].float().div(255).to(args.device)
+    t_build, ens = _timed(lambda: se.SymmetryEnsemble(model, cal, num_members=args.members,
+                                                      eps=10.0, transform="group", seed=0,
+                                                      aggregate="vote"))
+    view = DifferentiableView(ens, "mean")
+    preset = get_attack("pgd")
+
+    def attack_all(target) -> None:
+        for b, (x, y) in enumerate(batches):
+            torch.manual_seed(b)
+            preset.build(target, eps=EPS, steps=STEPS, alpha=ALPHA)(x, y)
+
+    t_single, t_ens = [], []
+    for _ in range(args.repeats):
+        t_single.append(_timed(lambda: attack_all(model))[0])
+        t_ens.append(_timed(lambda: attack_all(view))[0])
+
+    report = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "model": model_source,
+        "data": data_source,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "attack": f"PGD-{STEPS}, eps=8/255, alpha=2/255",
+        "repeats": args.repeats,
+        "evaluate_vs_torchattacks": {
+            "torchattacks_direct_s": round(min(t_direct), 3),
+            "symensemble_evaluate_s": round(min(t_harness), 3),
+            "ratio": round(min(t_harness) / min(t_direct), 3),
+            "target": 1.05,
+            "accuracy_direct": acc_direct,
+            "accuracy_evaluate": acc_harness,
+            "all_direct_s": [round(t, 3) for t in t_direct],
+            "all_evaluate_s": [round(t, 3) for t in t_harness],
+        },
+        "ensemble_vs_single": {
+            "members": args.members,
+            "transform": "group",
+            "ensemble_eps": 10.0,
+            "head_dtype": str(ens.head_dtype),
+            "ensemble_build_s": round(t_build, 3),
+            "single_model_pgd_s": round(min(t_single), 3),
+            "ensemble_adaptive_pgd_s": round(min(t_ens), 3),
+            "ratio": round(min(t_ens) / min(t_single), 3),
+            "target": 1.5,
+            "all_single_s": [round(t, 3) for t in t_single],
+            "all_ensemble_s": [round(t, 3) for t in t_ens],
+        },
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
