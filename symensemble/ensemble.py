@@ -105,7 +105,9 @@ def _check_parts(model: nn.Module, parts: HeadParts, transform: str) -> None:
                 f"is a {type(layer).__name__}; expected an nn.Linear"
             )
         if not _is_submodule(model, layer):
-            raise ValueError(f"{label} must be a submodule of the model (so it moves and saves with it)")
+            raise ValueError(
+                f"{label} must be a submodule of the model (so it moves and saves with it)"
+            )
     if parts.U.in_features != parts.V.out_features:
         raise ValueError(
             f"U takes {parts.U.in_features} features but V gives {parts.V.out_features}; "
@@ -523,7 +525,9 @@ class SymmetryEnsemble(nn.Module):
         out = []
         for sl in chunks:
             if checkpoint:
-                out.append(torch.utils.checkpoint.checkpoint(step, Hd, g[sl], W[sl], use_reentrant=False))
+                out.append(
+                    torch.utils.checkpoint.checkpoint(step, Hd, g[sl], W[sl], use_reentrant=False)
+                )
             else:
                 out.append(step(Hd, g[sl], W[sl]))
         return out
@@ -573,18 +577,39 @@ class SymmetryEnsemble(nn.Module):
                 return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
             return logits
         if mode == "mean":
-            parts = self._run(H, lambda L: torch.logsumexp(torch.log_softmax(L, dim=1), dim=0))
-            total = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
-            out = total - math.log(G)
+            out = self._log_mean_softmax(H)
         elif mode == "logit_mean":
             out = torch.stack(self._run(H, lambda L: L.sum(0))).sum(0) / G
         else:
             C = self.num_classes
-            counts = torch.stack(self._run(H, lambda L: nn.functional.one_hot(L.argmax(1), C).sum(0).T)).sum(
-                0
-            )  # (C, B)
-            out = counts.to(self.head_dtype) / G
+
+            def votes(L: Tensor) -> Tensor:
+                winners = L.argmax(1)  # (c, B)
+                return torch.zeros(C, L.shape[-1], dtype=torch.int64, device=L.device).scatter_add_(
+                    0, winners, torch.ones_like(winners)
+                )
+
+            out = torch.stack(self._run(H, votes)).sum(0).to(self.head_dtype) / G
         return out.transpose(0, 1).to(H.dtype)
+
+    def _log_mean_softmax(self, H: Tensor) -> Tensor:
+        """log(1/G Σ_k softmax(logits_k)), layout (C, B).
+
+        The mean probability is accumulated directly (one softmax per chunk). Where some class
+        probability underflows (wild members at large eps can have logit gaps > 700), those
+        batch columns are recomputed as a log-sum-exp of log-softmaxes, so the result and its
+        gradient stay finite.
+        """
+        G = self._num_members
+        P = torch.stack(self._run(H, lambda L: torch.softmax(L, dim=1).sum(0))).sum(0)
+        floor = torch.finfo(P.dtype).tiny * 2.0**40
+        out = P.clamp_min(floor).log() - math.log(G)
+        bad = torch.nonzero((P < floor).any(0)).flatten()
+        if bad.numel():
+            parts = self._run(H[bad], lambda L: torch.logsumexp(torch.log_softmax(L, dim=1), dim=0))
+            stable = torch.logsumexp(torch.stack(parts), dim=0) - math.log(G)
+            out = out.index_copy(1, bad, stable)
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -610,7 +635,9 @@ def _check_distinct(hidden: Tensor, s: int) -> None:
     Hk = hidden[: G * s].detach().to(torch.float64).view(G, s, -1)
     dist = torch.cdist(Hk, Hk)  # (G, s, s)
     norm = Hk.norm(dim=-1)
-    scale = torch.maximum(norm.unsqueeze(-1), norm.unsqueeze(-2)).clamp_min(torch.finfo(torch.float64).tiny)
+    scale = torch.maximum(norm.unsqueeze(-1), norm.unsqueeze(-2)).clamp_min(
+        torch.finfo(torch.float64).tiny
+    )
     rel = (dist / scale).masked_fill(torch.eye(s, dtype=torch.bool), math.inf)
     tol = 100 * torch.finfo(hidden.dtype).eps
     bad = torch.nonzero(rel <= tol)
@@ -648,7 +675,9 @@ def _flatten(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _check_composition(model: nn.Module, parts: HeadParts, images: Tensor | None, n: int = 8) -> None:
+def _check_composition(
+    model: nn.Module, parts: HeadParts, images: Tensor | None, n: int = 8
+) -> None:
     """Raise unless U(act(V(embed(x)))) equals model(x) on a few images."""
     if images is None:
         return
@@ -659,7 +688,9 @@ def _check_composition(model: nn.Module, parts: HeadParts, images: Tensor | None
         expected = model(x)
         got = parts.U(parts.act(parts.V(parts.embed(x))))
     except Exception as err:  # noqa: BLE001 - report any failure as a wrong decomposition
-        raise ValueError(f"could not evaluate U(act(V(embed(x)))) on the calibration images: {err}") from None
+        raise ValueError(
+            f"could not evaluate U(act(V(embed(x)))) on the calibration images: {err}"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(expected, Tensor) or expected.shape != got.shape:

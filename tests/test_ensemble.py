@@ -157,6 +157,11 @@ def test_mean_aggregate_stays_finite_when_probabilities_underflow():
     x = images(5, seed=7).requires_grad_(True)
     out = ens(x)
     assert torch.isfinite(out).all()
+    with torch.no_grad():
+        L = ens.member_logits(x).double()
+        assert (L.softmax(-1).mean(0) == 0).any()  # the naive formula would give log(0)
+        ref = torch.logsumexp(L.log_softmax(-1), 0) - math.log(4)
+    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-6)
     nn.functional.nll_loss(out, torch.arange(5) % C_DIM).backward()
     assert torch.isfinite(x.grad).all()
 
@@ -325,16 +330,23 @@ def test_from_modules_errors():
     with pytest.raises(ValueError, match="expected an nn.Linear"):
         SymmetryEnsemble.from_modules(net, cal, embed="features", V="act", act="act", U="fc2", **kw)
     with pytest.raises(ValueError, match="same hidden width"):
-        SymmetryEnsemble.from_modules(net, cal, embed=None, V="features.1", act="act", U="fc2", **kw)
+        SymmetryEnsemble.from_modules(
+            net, cal, embed=None, V="features.1", act="act", U="fc2", **kw
+        )
     with pytest.raises(ValueError, match="differs from U"):  # wrong activation
-        SymmetryEnsemble.from_modules(net, cal, embed="features", V="fc1", act=torch.tanh, U="fc2", **kw)
+        SymmetryEnsemble.from_modules(
+            net, cal, embed="features", V="fc1", act=torch.tanh, U="fc2", **kw
+        )
     with pytest.raises(ValueError, match="no symmetry head"):
         SymmetryEnsemble(net, cal, **kw)
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet34", "resnet50") else n for n in list_models()],
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in ("resnet34", "resnet50") else n
+        for n in list_models()
+    ],
 )
 def test_every_registered_model(name):
     model = create_model(name).eval()
@@ -380,7 +392,9 @@ def test_rank_deficient_member_names_member_and_condition():
     model = TinyNet()
     cal = images(5 * H_DIM, seed=1)
     cal[2 * H_DIM + 1] = cal[2 * H_DIM]  # member 2 sees a duplicated image
-    with pytest.raises(ValueError, match=r"member 2: .*rank-deficient .*condition number.*12 and 13"):
+    with pytest.raises(
+        ValueError, match=r"member 2: .*rank-deficient .*condition number.*12 and 13"
+    ):
         SymmetryEnsemble(model, cal, 5, eps=1.0)
     ens = SymmetryEnsemble(model, cal, 5, eps=1.0, ridge=1e-10)  # regularized only when asked
     assert ens.condition[2] > 1e7 and torch.isfinite(ens.W).all()
@@ -444,17 +458,38 @@ def cifar():
 
 @pytest.mark.cifar
 def test_figure10_pattern_on_cifar10(cifar):
+    """Figure 10 at eps = 10, 200 members, vote: group keeps most of the accuracy, baselines fall
+    to chance. Measured on 2,000 test images, 3 seeds (docs/ensembles.md): base 0.641; group
+    0.487–0.515 with s = h = 16 (the default), 0.606–0.612 with s = 2h; ginv, random and shuffle
+    0.08–0.13."""
     model = symensemble.load_model(CHECKPOINT)
-    idx = torch.randperm(len(cifar.test), generator=torch.Generator().manual_seed(0))[:1000]
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(cifar.test), generator=gen)[:1000]
     x, y = cifar.test.images[idx].float() / 255, cifar.test.labels[idx]
-    cal = cifar.train.images[: 200 * 16]
+    # The training split is stored class by class: draw the calibration images at random.
+    cal = cifar.train.images[torch.randperm(len(cifar.train), generator=gen)[: 200 * 32]]
     with torch.no_grad():
         base = (model(x).argmax(1) == y).float().mean().item()
         acc = {}
-        for transform in ("group", "ginv", "random", "shuffle"):
-            ens = SymmetryEnsemble(model, cal, 200, eps=10.0, transform=transform, aggregate="vote")
-            acc[transform] = (ens(x).argmax(1) == y).float().mean().item()
-    assert abs(acc["group"] - base) <= 0.08, (base, acc)
-    for transform in ("ginv", "random", "shuffle"):
-        assert acc[transform] <= 0.2, (base, acc)
-    assert math.isfinite(base)
+        for name, transform, s in [
+            ("group", "group", None),
+            ("group_2h", "group", 32),
+            ("ginv", "ginv", None),
+            ("random", "random", None),
+            ("shuffle", "shuffle", None),
+        ]:
+            ens = SymmetryEnsemble(
+                model,
+                cal,
+                200,
+                eps=10.0,
+                transform=transform,
+                samples_per_member=s,
+                aggregate="vote",
+            )
+            acc[name] = (ens(x).argmax(1) == y).float().mean().item()
+    assert abs(acc["group_2h"] - base) <= 0.08, (base, acc)
+    assert base - acc["group"] <= 0.2, (base, acc)
+    for name in ("ginv", "random", "shuffle"):
+        assert acc[name] <= 0.2, (base, acc)
+        assert acc["group"] >= acc[name] + 0.2, (base, acc)
