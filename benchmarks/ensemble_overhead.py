@@ -99,7 +99,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
 
-    model, source, x, cal, images = _load(args.checkpoint, args.data, args.images, args.members * 16)
+    model, source, x, cal, images = _load(
+        args.checkpoint, args.data, args.images, args.members * 16
+    )
     h = model.head.hidden_features
 
     t = time.perf_counter()
@@ -111,7 +113,9 @@ def main() -> None:
         ens.resample(seed=seed)
         draws.append(time.perf_counter() - t)
     ens.resample(seed=0)
-    ens32 = SymmetryEnsemble(model, cal, num_members=args.members, eps=args.eps, head_dtype=torch.float32)
+    ens32 = SymmetryEnsemble(
+        model, cal, num_members=args.members, eps=args.eps, head_dtype=torch.float32
+    )
 
     def ens_mean(inp):
         ens.aggregate = "mean"
@@ -151,7 +155,9 @@ def main() -> None:
     C = model.head.num_classes
     chunk = max(1, ens.max_chunk_bytes // (x.shape[0] * (2 * h + 2 * C) * 8))
     memory["ensemble_chunk_members"] = min(chunk, args.members)
-    memory["ensemble_chunk_scratch_mib"] = min(chunk, args.members) * x.shape[0] * (2 * h + 2 * C) * 8 / 2**20
+    memory["ensemble_chunk_scratch_mib"] = (
+        min(chunk, args.members) * x.shape[0] * (2 * h + 2 * C) * 8 / 2**20
+    )
 
     out = {
         "benchmark": "ensemble_overhead",

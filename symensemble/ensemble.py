@@ -126,7 +126,8 @@ def _check_parts(model: nn.Module, parts: HeadParts, transform: str) -> None:
         ) from None
     if not isinstance(out, Tensor) or out.shape != probe.shape:
         raise ValueError(
-            f"the hidden activation must map (..., {h}) to (..., {h}); got {getattr(out, 'shape', type(out))}"
+            f"the hidden activation must map (..., {h}) to (..., {h}); got "
+            f"{getattr(out, 'shape', type(out))}"
         )
 
 
@@ -138,7 +139,8 @@ def _as_images(images: Tensor | None) -> Tensor | None:
         raise ValueError(f"calibration_images must be a tensor, got {type(images).__name__}")
     if images.ndim < 2 or images.shape[0] == 0:
         raise ValueError(
-            f"calibration_images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}"
+            "calibration_images must be a non-empty batch (N, ...), got shape "
+            f"{tuple(images.shape)}"
         )
     if images.dtype == torch.uint8:
         return images.float().div_(255)

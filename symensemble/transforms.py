@@ -95,9 +95,9 @@ def _permutations(num: int, h: int, generator: torch.Generator) -> Tensor:
 
 def _right_inverse_apply(U: Tensor, g: Tensor) -> Tensor:
     """U g⁻¹ for a batch of g, by LU solve (no explicit inverse). Shape: (C,h),(G,h,h)→(G,C,h)."""
-    return torch.linalg.solve(g.transpose(-1, -2), U.transpose(-1, -2).expand(g.shape[0], -1, -1)).transpose(
-        -1, -2
-    )
+    return torch.linalg.solve(
+        g.transpose(-1, -2), U.transpose(-1, -2).expand(g.shape[0], -1, -1)
+    ).transpose(-1, -2)
 
 
 class MemberTransform:
@@ -188,13 +188,23 @@ class GroupTransform(MemberTransform):
 
     @property
     def condition_limit(self) -> float:
-        return 1.0 / torch.finfo(_DTYPE).eps if self.max_condition is None else float(self.max_condition)
+        return (
+            1.0 / torch.finfo(_DTYPE).eps
+            if self.max_condition is None
+            else float(self.max_condition)
+        )
 
     def _require(self, hidden: Tensor | None, num_members: int, h: int) -> Tensor:
-        if hidden is None or hidden.ndim != 3 or hidden.shape[0] != num_members or hidden.shape[1] != h:
+        if (
+            hidden is None
+            or hidden.ndim != 3
+            or hidden.shape[0] != num_members
+            or hidden.shape[1] != h
+        ):
             got = None if hidden is None else tuple(hidden.shape)
             raise ValueError(
-                f"{self.name} needs calibration pre-activations of shape ({num_members}, {h}, s), got {got}"
+                f"{self.name} needs calibration pre-activations of shape "
+                f"({num_members}, {h}, s), got {got}"
             )
         return hidden
 
@@ -251,7 +261,8 @@ class GroupTransform(MemberTransform):
         return MemberDraw(g, W, cond)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:g}, ridge={self.ridge}, max_redraws={self.max_redraws})"
+        name = type(self).__name__
+        return f"{name}(eps={self.eps:g}, ridge={self.ridge}, max_redraws={self.max_redraws})"
 
 
 class ShuffleTransform(GroupTransform):
