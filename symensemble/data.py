@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,6 @@ def _tree_fingerprint(tree: Path) -> str:
 
 def _decode_folder(split_dir: Path, classes: list[str]) -> Split:
     """Decode every image of ``split_dir/<class>/`` (JPEGs in one batched call)."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -141,22 +140,32 @@ def _decode_folder(split_dir: Path, classes: list[str]) -> Split:
         labels += [label] * len(files)
     if not paths:
         raise DataError(f"no .png/.jpg images under {split_dir}; {_LAYOUTS}")
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = _decode_files(paths)
+    shapes = {tuple(img.shape) for img in images}
+    if shapes != {(3, 32, 32)}:
+        raise DataError(f"images under {split_dir} must all be 32x32 RGB, found shapes {sorted(shapes)[:3]}")
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+
+
+def _decode_files(paths: list[Path]) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
     raw = [read_file(str(p)) for p in paths]
     is_jpeg = [p.suffix.lower() in {".jpg", ".jpeg"} for p in paths]
-    decoded: list[torch.Tensor | None] = [None] * len(paths)
+    decoded: list[torch.Tensor] = [torch.empty(0)] * len(paths)
     try:
         jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
         if jpeg_idx:
-            for i, img in zip(jpeg_idx, decode_jpeg([raw[i] for i in jpeg_idx], mode=ImageReadMode.RGB)):
+            batch = decode_jpeg([raw[i] for i in jpeg_idx], mode=ImageReadMode.RGB)
+            for i, img in zip(jpeg_idx, batch):
                 decoded[i] = img
         for i in (i for i, j in enumerate(is_jpeg) if not j):
             decoded[i] = decode_image(raw[i], mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise DataError(f"cannot decode an image under {split_dir}: {err}") from None
-    shapes = {tuple(img.shape) for img in decoded}  # type: ignore[union-attr]
-    if shapes != {(3, 32, 32)}:
-        raise DataError(f"images under {split_dir} must all be 32x32 RGB, found shapes {sorted(shapes)[:3]}")
-    return Split(torch.stack(decoded), torch.tensor(labels, dtype=torch.int64))  # type: ignore[arg-type]
+        raise DataError(f"cannot decode an image near {paths[0].parent.parent}: {err}") from None
+    return decoded
 
 
 def _load_tree(tree: Path) -> tuple[Split, Split, tuple[str, ...]]:
@@ -168,7 +177,8 @@ def _load_tree(tree: Path) -> tuple[Split, Split, tuple[str, ...]]:
     if cache.is_file():
         try:
             t = load_file(str(cache))
-            return Split(t["train_images"], t["train_labels"]), Split(t["test_images"], t["test_labels"]), tuple(classes)
+            train = Split(t["train_images"], t["train_labels"])
+            return train, Split(t["test_images"], t["test_labels"]), tuple(classes)
         except (SafetensorError, KeyError, OSError) as err:
             log.warning("ignoring unreadable decoded cache %s (%s)", cache, err)
     log.info("decoding images under %s (cached afterwards in %s)", tree, cache)

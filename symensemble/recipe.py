@@ -125,7 +125,7 @@ def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read a TOML recipe: top-level keys are :class:`Recipe` fields (a ``[train]`` table is also accepted)."""
+    """Read a TOML recipe whose top-level keys (or ``[train]`` table) are :class:`Recipe` fields."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -268,7 +268,9 @@ def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimi
         diff = sorted(k for k in recipe.to_dict() if info["recipe"].get(k) != recipe.to_dict()[k])
         raise CheckpointError(f"--resume: {out} was trained with a different recipe (differs in {diff})")
     if info["extra"].get("complete"):
-        raise CheckpointError(f"--resume: {out} is a finished run ({info['epoch']} epochs); nothing to resume")
+        raise CheckpointError(
+            f"--resume: {out} is a finished run ({info['epoch']} epochs); nothing to resume"
+        )
     state, train_state = split_train_state(tensors)
     model.load_state_dict(state)
     _optimizer_from_tensors(opt, {k: v.to(dev) for k, v in train_state.items()}, info["extra"]["optimizer"])

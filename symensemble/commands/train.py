@@ -20,7 +20,8 @@ from ..recipe import RecipeError, load_recipe
 @click.option("--download", is_flag=True, help="Let torchvision download CIFAR-10 into --data.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override the learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Override the learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Training device.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,

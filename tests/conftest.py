@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic CIFAR-like data, image trees on disk, the real data if present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from symensemble.data import CIFAR10, Split
+
+
+def make_split(n: int, num_classes: int = 3, seed: int = 0) -> Split:
+    """Images whose mean colour encodes the class, so a tiny model can learn them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    base = (labels.float() / max(num_classes - 1, 1) * 200 + 20).view(n, 1, 1, 1)
+    noise = torch.randint(-20, 21, (n, 3, 32, 32), generator=g).float()
+    return Split((base + noise).clamp(0, 255).to(torch.uint8), labels.to(torch.int64))
+
+
+@pytest.fixture
+def tiny_cifar() -> CIFAR10:
+    return CIFAR10(make_split(96, seed=1), make_split(24, seed=2), make_split(24, seed=3),
+                   ("a", "b", "c"), "synthetic")
+
+
+def write_image_tree(root: Path, per_class: int = 3, classes=("cat", "dog"), fmt: str = "png",
+                     size: int = 32) -> Path:
+    """Write train/<class>/ and test/<class>/ with random images; returns ``root``."""
+    import warnings
+
+    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+    from torchvision.io import encode_jpeg, encode_png
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+                data = encode_png(img) if fmt == "png" else encode_jpeg(img, quality=90)
+                (folder / f"{i:04d}.{fmt}").write_bytes(data.numpy().tobytes())
+    return root
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """Point the decoded/extracted cache at a temp folder."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SYMENSEMBLE_CACHE", str(cache))
+    return cache
+
+
+def real_cifar_root() -> str | None:
+    """``$SYMENSEMBLE_DATA`` when it holds CIFAR-10, else None (tests then skip)."""
+    root = os.environ.get("SYMENSEMBLE_DATA")
+    return root if root and Path(root).exists() else None
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
