@@ -131,12 +131,13 @@ def test_cli_train(tmp_path, isolated_cache):
     data = write_image_tree(tmp_path / "data", per_class=4)
     out = tmp_path / "run" / "m.safetensors"
     result = CliRunner().invoke(main, ["train", "--recipe", str(_tiny_recipe(tmp_path)), "--data", str(data),
-                                       "--out", str(out), "--seed", "3", "--quiet"])
+                                       "--out", str(out), "--seed", "3", "--quiet", "--record-q"])
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output
     _, info = se.load_model(out, with_info=True)
     assert info["recipe"]["seed"] == 3 and info["data_source"].startswith("folder:")
-    assert (tmp_path / "run" / "m.log.json").is_file()
+    q = json.loads((tmp_path / "run" / "m.log.json").read_text())["epochs"][0]["q"]
+    assert len(q["per_unit"]) == 4 and q["total"] == pytest.approx(sum(q["per_unit"]))
 
 
 @pytest.mark.parametrize(
