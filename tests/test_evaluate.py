@@ -372,12 +372,23 @@ def test_sanity_checks_each_warning_on_synthetic_records():
     assert sanity_checks([], at_chance, num_classes=10) == []
 
 
-def test_sanity_checks_ignore_sampling_noise_at_chance():
-    noise = [rec(transform="shuffle", eps=e, acc=a, n=1000)
-             for e, a in [(0, 0.098), (0.003, 0.104), (0.006, 0.095), (0.009, 0.112)]]
-    noise += [rec(transform="shuffle", threat="adaptive", eps=e, acc=a + 0.01)
+def test_sanity_checks_ignore_sampling_noise():
+    noise = [rec(eps=e, acc=a, n=1000)
+             for e, a in [(0, 0.6), (0.003, 0.104), (0.006, 0.095), (0.009, 0.112)]]
+    noise += [rec(threat="adaptive", eps=e, acc=a + 0.01)
               for e, a in [(0.003, 0.104), (0.006, 0.095), (0.009, 0.112)]]
     assert sanity_checks(noise) == []
+
+
+def test_sanity_checks_skip_chance_level_targets():
+    """A near-constant classifier keeps its class share under any attack: no findings."""
+    rows = [rec(transform="shuffle", eps=0, acc=0.104),
+            rec(transform="shuffle", eps=0.3, acc=0.046),
+            rec(transform="shuffle", attack="pgd", eps=0.3, steps=1, acc=0.089),
+            rec(transform="shuffle", threat="adaptive", eps=0.3, acc=0.15)]
+    assert sanity_checks(rows, num_classes=10) == []
+    rows[0] = rec(transform="shuffle", eps=0, acc=0.6)  # a real classifier: now a signal
+    assert sanity_checks(rows, num_classes=10)
 
 
 # ------------------------------------------------------------------------------------------
