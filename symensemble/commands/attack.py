@@ -213,7 +213,7 @@ def command(checkpoint: str, data: Path | None, n: int, attacks: list[str], eps:
       symensemble attack --data ~/cifar10
       symensemble attack --attack pgd --eps 8/255 --steps 1,2,5,10 --transforms original,group
       symensemble attack --eps 0 --num-members 10,20,40 --ensemble-eps 20,10,1,0.1
-      torchrun --nproc_per_node 2 --no-python symensemble attack --n 1000
+      torchrun --nproc_per_node 2 --no-python -- symensemble attack --n 1000
     """
     settings = dict(
         model=checkpoint, data=data, n=n, attack=attacks, eps=eps, steps=steps, alpha=alpha,
