@@ -29,6 +29,8 @@ _EXPORTS = {
     "Recipe": "symensemble.recipe",
     "train": "symensemble.train",
     "SymmetryEnsemble": "symensemble.ensemble",
+    "HeadParts": "symensemble.ensemble",
+    "TRANSFORMS": "symensemble.ensemble",
     "evaluate": "symensemble.evaluate",
 }
 

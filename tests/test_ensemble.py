@@ -203,6 +203,8 @@ def test_chunking_does_not_change_results():
     tiny = ensemble(n_members=7, max_chunk_bytes=1)  # one member per chunk
     with torch.no_grad():
         torch.testing.assert_close(tiny(x), outs[None][0], atol=1e-6, rtol=1e-6)
+        tiny._pointwise = False  # the (B, c, h) layout used for non-elementwise σ
+        torch.testing.assert_close(tiny.member_logits(x), outs[None][2], atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +284,16 @@ def test_state_dict_round_trip_and_dtype_moves():
     assert a.g.device.type == "cpu"
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+def test_built_under_inference_mode_can_be_differentiated_later():
+    model = TinyNet()
+    with torch.inference_mode():
+        ens = ensemble(model)
+        ens.resample()
+    x = images(3, seed=14).requires_grad_(True)
+    ens(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_train_eval_modes_propagate():
