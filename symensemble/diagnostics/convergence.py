@@ -86,9 +86,23 @@ def q_controlled_init(
     return U * math.sqrt(c2), V, "rescale_U"
 
 
-def _first_below(curve: torch.Tensor, steps: Sequence[int], level: float) -> int | None:
-    below = (curve <= level).nonzero()
-    return int(steps[int(below[0])]) if below.numel() else None
+class _FirstBelow:
+    """Per run, the first step s with L(s) ≤ threshold·L(0), tracked without host syncs."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.level: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        if self.level is None:
+            self.level = self.threshold * loss
+            self.first = torch.full(loss.shape, -1, dtype=torch.long)
+        hit = (self.first < 0) & (loss <= self.level)
+        self.first = torch.where(hit, torch.full_like(self.first, step), self.first)
+
+    def result(self) -> list[int | None]:
+        return [None if f < 0 else int(f) for f in self.first.tolist()]
 
 
 def convergence_elementwise(
@@ -113,7 +127,7 @@ def convergence_elementwise(
 
     Returns:
         ``{"results": {act: {...}}, "checks": {...}}`` with, per target Q, the method, the
-        initial and final loss, and the first recorded step at which L ≤ threshold · L(0).
+        initial and final loss, and the first step at which L ≤ threshold · L(0).
     """
     if lr <= 0 or steps < 1:
         raise ValueError(f"need lr > 0 and steps >= 1, got lr={lr}, steps={steps}")
@@ -142,7 +156,7 @@ def convergence_elementwise(
         U, V = torch.stack(Us), torch.stack(Vs)
         f1, f2 = elementwise_q_terms(U, V, act)
         q0 = f1 - f2
-        curves, q_end = [], None
+        curves, q_end, first = [], None, _FirstBelow(threshold)
         with single_thread():
             for s in tqdm(
                 range(steps + 1),
@@ -151,6 +165,7 @@ def convergence_elementwise(
                 mininterval=2.0,
             ):
                 loss, gU, gV = problem.loss_and_grads(U, V)
+                first.update(s, loss)
                 if s in record:
                     curves.append(loss)
                 if s == steps:
@@ -160,7 +175,7 @@ def convergence_elementwise(
         q_end = f1 - f2
         curve = torch.stack(curves, 1)  # (R, K)
         l0 = curve[:, 0]
-        reach = [_first_below(curve[i], record, threshold * float(l0[i])) for i in range(len(kept))]
+        reach = first.result()
         results[name] = {
             "targets": kept,
             "Q0": q0.tolist(),
@@ -286,10 +301,11 @@ def convergence_radial(
     U, V, Phi, Psi, sy = spectral_init(Y, c * u, c * v)
     lam0 = (c * u).square() + (c * v).square()  # (R, k)
     record = log_spaced_steps(steps, num_records)
-    curves, sx_rec = [], []
+    curves, sx_rec, first = [], [], _FirstBelow(threshold)
     with single_thread():
         for s in tqdm(range(steps + 1), desc="convergence [radial]", disable=not progress, mininterval=2.0):
             loss, gU, gV, X = _radial_loss_and_grads(Y, U, V)
+            first.update(s, loss)
             if s in record:
                 curves.append(loss)
                 sx_rec.append(torch.diagonal(Phi.T @ X @ Psi, dim1=-2, dim2=-1)[..., :k])
@@ -306,7 +322,7 @@ def convergence_radial(
     bound = gap0 * torch.exp(-t.view(1, -1, 1) / lam0.unsqueeze(1))
     ratio = ((sx - sy).abs() / bound.clamp_min(1e-300)).where(bound > 1e-12, torch.zeros(()))
     l0 = curve[:, 0]
-    reach = [_first_below(curve[i], record, threshold * float(l0[i])) for i in range(len(targets))]
+    reach = first.result()
     per_q = [None if r is None else r / q for r, q in zip(reach, targets, strict=True)]
     valid = [x for x in per_q if x is not None]
     results = {
@@ -349,10 +365,11 @@ def plot_convergence(result: dict[str, Any], path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
     for ax, (title, r) in zip(axes[0], panels.items(), strict=True):
         for i, q in enumerate(r.get("Q0", r["targets"])):
-            ax.plot(r["steps"], r["loss"][i], label=f"Q={q:.3g}")
+            ax.plot(r["steps"], r["loss"][i], label=f"Q={round(q, 6):.3g}")
         ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("training step")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))
         ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("loss")
     fig.suptitle("Loss from initializations with different Q (paper Figs. 6-7)")

@@ -384,13 +384,19 @@ def plot_hessian(result: dict[str, Any], path) -> None:
     names = list(result["results"])
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
-        for run in result["results"][name]["runs"]:
-            ev = torch.tensor(run.get("eigenvalues") or run["top"])
-            ev = ev[ev.abs() > 1e-3]
-            label = f"Q={run['Q0']:.3g}"
+        runs = result["results"][name]["runs"]
+        spectra = []
+        for run in runs:
+            ev = torch.tensor(run.get("eigenvalues") or run["top"], dtype=torch.float64)
+            spectra.append(ev[ev.abs() > 1e-3])
+        hi = max((float(ev.max()) for ev in spectra if ev.numel()), default=1.0)
+        lo = min((float(ev.min()) for ev in spectra if ev.numel()), default=0.0)
+        bins = torch.linspace(min(lo, 0.0), hi, 41).numpy()
+        for run, ev in zip(runs, spectra, strict=True):
+            label = f"Q={round(run['Q0'], 6):.3g}"
             if run.get("near_zero") is not None:
                 label += f" (#0={run['near_zero']}, orbit={run['orbit_dim']})"
-            ax.hist(ev.numpy(), bins=40, alpha=0.55, label=label)
+            ax.hist(ev.numpy(), bins=bins, alpha=0.5, label=label)
         ax.set_title(name)
         ax.set_xlabel("Hessian eigenvalue (|λ| > 1e-3)")
         ax.legend(fontsize=6)
