@@ -17,6 +17,16 @@ from symensemble.models import SymHead, SymModel, create_model, list_models
 H_DIM, C_DIM = 6, 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many tiny batched LAPACK calls: on a busy 2-core machine every OpenMP region waits for a
+    descheduled worker (a 5 ms batched SVD took 2 s), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyNet(SymModel):
     """A small SymModel on (B, 3, 4, 4) images: flatten → Linear → tanh → SymHead."""
 
@@ -417,10 +427,23 @@ def test_rank_deficient_member_names_member_and_condition():
 def test_relu_zero_columns_are_rank_deficient():
     model = TinyNet("relu")
     with torch.no_grad():
-        model.head.V.bias.fill_(-100.0)  # every pre-activation negative: σ(gH) mostly zero
-        model.head.V.weight.mul_(1e-3)
-    with pytest.raises(ValueError, match="rank-deficient"):
+        model.head.V.bias.fill_(-100.0)  # every pre-activation negative: σ(gH) = 0 for g = I
+    with pytest.raises(ValueError, match=r"member 0: .*condition number inf .*after 3 redraws"):
         SymmetryEnsemble(model, images(5 * H_DIM, seed=1), 5, eps=0.0)
+
+
+def test_ill_conditioned_members_are_redrawn(caplog):
+    model = TinyNet()
+    cal = images(20 * H_DIM, seed=1)
+    limit = float(SymmetryEnsemble(model, cal, 20, eps=3.0).condition.median())
+    with pytest.raises(ValueError, match="after 0 redraws"):
+        SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=0)
+    with caplog.at_level("WARNING", logger="symensemble.transforms"):
+        ens = SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=60)
+    assert "redrawing" in caplog.text
+    assert (ens.condition <= limit).all()
+    own, base = own_block_logits(ens, cal)
+    assert (own - base).abs().max() <= 1e-4
 
 
 def test_head_the_transform_cannot_handle():
