@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,18 @@ def _is_pointwise(act: Callable[[Tensor], Tensor]) -> bool:
     if isinstance(act, nn.PReLU):
         return act.num_parameters == 1
     return isinstance(act, _ELEMENTWISE) or act in (torch.tanh, torch.sigmoid, torch.relu)
+
+
+def _as_int(value: Any, name: str, minimum: int | None) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return out
 
 
 def _buffer(t: Tensor, device: torch.device) -> Tensor:
@@ -261,22 +274,16 @@ class SymmetryEnsemble(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
-            raise ValueError(f"num_members must be a positive integer, got {num_members!r}")
-        if samples_per_member is not None and (
-            not isinstance(samples_per_member, int) or samples_per_member < 1
-        ):
-            raise ValueError(
-                f"samples_per_member must be None or a positive integer, got {samples_per_member!r}"
-            )
+        num_members = _as_int(num_members, "num_members", minimum=1)
+        seed = _as_int(seed, "seed", minimum=None)
+        if samples_per_member is not None:
+            samples_per_member = _as_int(samples_per_member, "samples_per_member", minimum=1)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
         if not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
             raise ValueError(f"max_chunk_bytes must be a positive integer, got {max_chunk_bytes!r}")
         if head_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"head_dtype must be torch.float32 or torch.float64, got {head_dtype}")
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.member_transform = create_transform(
             transform, eps, ridge=ridge, max_condition=max_condition, max_redraws=max_redraws
         )
@@ -297,9 +304,9 @@ class SymmetryEnsemble(nn.Module):
 
         for name in _MEMBER_BUFFERS:
             self.register_buffer(name, None)
-        images = _as_images(calibration_images)
         if self.member_transform.uses_calibration:
             needed = num_members * self._samples_per_member
+            images = _as_images(None if calibration_images is None else calibration_images[:needed])
             have = 0 if images is None else images.shape[0]
             if have < needed:
                 raise ValueError(
@@ -315,7 +322,7 @@ class SymmetryEnsemble(nn.Module):
                     self._samples_per_member,
                     h,
                 )
-            hidden = self._calibration_hidden(images[:needed])
+            hidden = self._calibration_hidden(images)
             if getattr(self.member_transform, "ridge", None) is None:
                 _check_distinct(hidden, self._samples_per_member)
             self.calibration_hidden = _buffer(hidden, _model_device(model))
@@ -378,10 +385,11 @@ class SymmetryEnsemble(nn.Module):
         transform = kwargs.get("transform", "group")
         _check_parts(model, parts, getattr(transform, "name", transform))
         if check_composition:
-            _check_composition(model, parts, _as_images(calibration_images))
+            sample = None if calibration_images is None else calibration_images[:8]
+            _check_composition(model, parts, _as_images(sample))
         return cls(model, calibration_images, head=parts, **kwargs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _calibration_hidden(self, images: Tensor, batch_size: int = 1000) -> Tensor:
         """Pre-activations H = V(embed(x)) of the calibration images, model in eval mode."""
         model = self.base_model
