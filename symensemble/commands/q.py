@@ -716,7 +716,7 @@ def teleport_cmd(
         from ..data import DataError, load_cifar10
 
         try:
-            dataset = load_cifar10(data)
+            dataset = load_cifar10(data, val_size=0)  # train + test only
         except DataError as err:
             raise click.BadParameter(
                 f"{err} (use --no-eval to skip the evaluation)", param_hint="--data"
