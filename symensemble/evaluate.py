@@ -767,6 +767,7 @@ def evaluate(
     sanity: bool = True,
     progress: bool = False,
     ensemble_factory: Callable[..., nn.Module] | None = None,
+    attack_aggregate: str | None = None,
 ) -> EvaluationResult:
     """Measure the accuracy of a model and its symmetry ensembles under attack.
 
@@ -803,6 +804,9 @@ def evaluate(
         ensemble_factory: ``fn(model, calibration, *, transform, num_members, eps,
             samples_per_member, seed, aggregate, resample_on_forward) -> nn.Module``;
             defaults to :class:`symensemble.SymmetryEnsemble`.
+        attack_aggregate: the differentiable aggregate adaptive attacks differentiate,
+            ``mean`` or ``logit_mean``; ``None``: ``aggregate`` itself when it is
+            differentiable, else ``mean``. Accuracy is still counted with ``aggregate``.
 
     Returns:
         An :class:`EvaluationResult` (identical on every rank).
@@ -848,6 +852,11 @@ def evaluate(
         raise ValueError("num_members and ensemble_eps need at least one value each")
     if aggregate not in _AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}; expected one of {list(_AGGREGATES)}")
+    if attack_aggregate is None:
+        attack_aggregate = aggregate if aggregate in ("mean", "logit_mean") else "mean"
+    if attack_aggregate not in ("mean", "logit_mean"):
+        raise ValueError(f"attack_aggregate must be 'mean' or 'logit_mean' (differentiable), got "
+                         f"{attack_aggregate!r}")
     threats = _names(threat, "threat")
     for t in threats:
         get_threat(t)
@@ -903,7 +912,6 @@ def evaluate(
                     if isinstance(module, nn.Module):
                         module.to(dev).eval()
                     targets.append(Target(transform, module, g, e))
-    attack_aggregate = aggregate if aggregate in ("mean", "logit_mean") else "mean"
 
     # ---- slots: which (threat, target) pairs each strength measures
     def record_slots() -> list[tuple[str, Target]]:
@@ -1045,8 +1053,9 @@ def load_results(path: str | os.PathLike) -> EvaluationResult:
 # --------------------------------------------------------------------------------------------
 
 _RECIPE_KEYS = ("checkpoint", "data", "n", "attack", "eps", "steps", "alpha", "transforms",
-                "num_members", "ensemble_eps", "aggregate", "threat", "seed", "device",
-                "batch_size", "eot_iter", "resample_members", "samples_per_member", "sanity")
+                "num_members", "ensemble_eps", "aggregate", "attack_aggregate", "threat", "seed",
+                "device", "batch_size", "eot_iter", "resample_members", "samples_per_member",
+                "sanity")
 
 
 @dataclass

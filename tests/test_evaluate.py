@@ -528,3 +528,23 @@ def test_package_level_evaluate_is_callable_in_any_import_order(world):
     assert callable(se.evaluate) and callable(module)
     result = se.evaluate(model, data, **small(eps=[0.0], transforms=[ORIGINAL], n=10))
     assert result.records[0].n == 10
+
+
+def test_attack_aggregate_selects_the_differentiated_output(world, monkeypatch):
+    model, data = world
+    seen = []
+    real = DifferentiableView.forward
+
+    def spy(self, x):
+        seen.append(self.aggregate)
+        return real(self, x)
+
+    monkeypatch.setattr(DifferentiableView, "forward", spy)
+    kw = small(n=10, eps=[0.05], transforms=["group"], threat="adaptive")
+    evaluate(model, data, **kw)
+    assert set(seen) == {"mean"}  # vote is counted, mean is attacked
+    seen.clear()
+    evaluate(model, data, attack_aggregate="logit_mean", **kw)
+    assert set(seen) == {"logit_mean"}
+    with pytest.raises(ValueError, match="attack_aggregate"):
+        evaluate(model, data, attack_aggregate="vote", **kw)

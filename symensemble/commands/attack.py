@@ -172,6 +172,9 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
               show_default=True, help="Ensemble radius ε of g = I + εM; a list sweeps them.")
 @click.option("--aggregate", type=click.Choice(["vote", "mean", "logit_mean"]), default="vote",
               show_default=True, help="How ensemble accuracy is counted (vote = paper's mode).")
+@click.option("--attack-aggregate", type=click.Choice(["mean", "logit_mean"]), default=None,
+              help="Differentiable output adaptive attacks use [default: --aggregate if "
+                   "differentiable, else mean].")
 @click.option("--threat", "threats", type=CommaList(str, "threat", lambda: list(THREATS)),
               default=",".join(THREATS), show_default=True,
               help="transfer (crafted on the base model), adaptive (on each ensemble), or both.")
@@ -197,9 +200,10 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
 def command(checkpoint: str, data: Path | None, n: int, attacks: list[str], eps: list[float],
             steps: list[int] | None, alpha: float | None, transforms: list[str],
             num_members: list[int], ensemble_eps: list[float], aggregate: str,
-            threats: list[str], seed: int, device: str, batch_size: int, eot_iter: int,
-            resample_members: bool, samples_per_member: int | None, sanity: bool,
-            figures: bool, out: Path | None, quiet: bool) -> None:
+            attack_aggregate: str | None, threats: list[str], seed: int, device: str,
+            batch_size: int, eot_iter: int, resample_members: bool,
+            samples_per_member: int | None, sanity: bool, figures: bool, out: Path | None,
+            quiet: bool) -> None:
     """Attack the base model and its symmetry ensembles; print and save accuracy tables.
 
     Every strength is measured under two threat models: `transfer` (examples crafted once on
@@ -218,7 +222,8 @@ def command(checkpoint: str, data: Path | None, n: int, attacks: list[str], eps:
     settings = dict(
         model=checkpoint, data=data, n=n, attack=attacks, eps=eps, steps=steps, alpha=alpha,
         transforms=[t.lower() for t in transforms], num_members=num_members,
-        ensemble_eps=ensemble_eps, aggregate=aggregate, threat=[t.lower() for t in threats],
+        ensemble_eps=ensemble_eps, aggregate=aggregate, attack_aggregate=attack_aggregate,
+        threat=[t.lower() for t in threats],
         seed=seed, device=resolve_device(device), batch_size=batch_size, eot_iter=eot_iter,
         resample_members=resample_members, samples_per_member=samples_per_member, sanity=sanity,
     )
