@@ -39,6 +39,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 # (activation name, kwargs) with a continuous linear symmetry
 SYMMETRIC = [
     ("identity", {}),
@@ -97,17 +98,22 @@ def test_large_group_elements_and_haar_orthogonal():
 def test_tangent_vectors_match_infinitesimal_action_and_lie_matrix():
     gen = torch.Generator().manual_seed(2)
     params = StackParams.random((3, 4, 5, 2), generator=gen)
+    for sym in (
+        LinearSymmetry.for_activations(["identity", "relu"], [4, 5]),
+        LinearSymmetry((HiddenGroup("orthogonal", 4), HiddenGroup("scaling", 5, alpha=2.0))),
+    ):
+        T = sym.tangent_vectors(params)
+        assert T.shape == (sym.dim, params.numel)
+        rows = []
+        for i, grp in enumerate(sym.groups):
+            for E in grp.lie_basis():
+                M = [torch.zeros(w, w, dtype=F64) for w in sym.hidden_widths]
+                M[i] = E
+                rows.append(sym.infinitesimal(M, params).flatten())
+        torch.testing.assert_close(T, torch.stack(rows), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="method='gram'"):
+        sym.tangent_vectors(params, max_entries=10)
     sym = LinearSymmetry.for_activations(["identity", "relu"], [4, 5])
-    T = sym.tangent_vectors(params)
-    assert T.shape == (16 + 5, params.numel)
-    basis = [grp.lie_basis() for grp in sym.groups]
-    rows = []
-    for i, B in enumerate(basis):
-        for E in B:
-            M = [torch.zeros(w, w, dtype=F64) for w in sym.hidden_widths]
-            M[i] = E
-            rows.append(sym.infinitesimal(M, params).flatten())
-    torch.testing.assert_close(T, torch.stack(rows), rtol=0, atol=1e-14)
     M = sym.random_lie(generator=gen)
     lie = sym.lie_matrix(M, params)
     torch.testing.assert_close(lie @ params.flatten(), sym.infinitesimal(M, params).flatten())

@@ -162,7 +162,7 @@ def _orbit_info(act: str, h: int, n: int, m: int, U: torch.Tensor, V: torch.Tens
     params = StackParams((V, U), (None, None))
     return {
         "group": sym.groups[0].name,
-        "orbit_dim": sym.orbit_dimension(params, method="svd"),
+        "orbit_dim": sym.orbit_dimension(params),  # closed-form Gram spectrum, O(h³)
         "orbit_dim_formula": orbit_dimension_formula(kind, n, h, m),
     }
 

@@ -102,9 +102,7 @@ class StackParams:
             )
         for i, W in enumerate(weights):
             if W.ndim != 2:
-                raise ValueError(
-                    f"weight {i + 1} must be a matrix (n_i, n_i-1), got shape {tuple(W.shape)}"
-                )
+                raise ValueError(f"weight {i + 1} must be a matrix (n_i, n_i-1), got shape {tuple(W.shape)}")
             if i > 0 and W.shape[1] != weights[i - 1].shape[0]:
                 raise ValueError(
                     f"weight {i + 1} has {W.shape[1]} input columns but layer {i} has "
@@ -112,9 +110,7 @@ class StackParams:
                 )
             b = biases[i]
             if b is not None and tuple(b.shape) != (W.shape[0],):
-                raise ValueError(
-                    f"bias {i + 1} must have shape ({W.shape[0]},), got {tuple(b.shape)}"
-                )
+                raise ValueError(f"bias {i + 1} must have shape ({W.shape[0]},), got {tuple(b.shape)}")
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -166,9 +162,7 @@ class StackParams:
     def unflatten(self, vector: torch.Tensor) -> StackParams:
         """A StackParams with this structure filled from ``vector`` (length :attr:`numel`)."""
         if vector.ndim != 1 or vector.numel() != self.numel:
-            raise ValueError(
-                f"expected a vector of length {self.numel}, got shape {tuple(vector.shape)}"
-            )
+            raise ValueError(f"expected a vector of length {self.numel}, got shape {tuple(vector.shape)}")
         chunks = iter(torch.split(vector, [t.numel() for t in self.tensors()]))
         weights, biases = [], []
         for W, b in zip(self.weights, self.biases, strict=True):
@@ -236,9 +230,7 @@ class StackParams:
     def norm(self) -> torch.Tensor:
         return self.inner(self).sqrt()
 
-    def to(
-        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> StackParams:
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> StackParams:
         return self.map(lambda t: t.to(device=device, dtype=dtype))
 
     def detach(self) -> StackParams:
@@ -281,20 +273,14 @@ class StackParams:
         weights, biases = [], []
         for i in range(L):
             s = std if std is not None else 1.0 / math.sqrt(widths[i])
-            weights.append(
-                torch.randn(widths[i + 1], widths[i], generator=generator, dtype=dtype) * s
-            )
+            weights.append(torch.randn(widths[i + 1], widths[i], generator=generator, dtype=dtype) * s)
             biases.append(
-                torch.randn(widths[i + 1], generator=generator, dtype=dtype) * s
-                if flags[i]
-                else None
+                torch.randn(widths[i + 1], generator=generator, dtype=dtype) * s if flags[i] else None
             )
         return cls(tuple(weights), tuple(biases))
 
 
-def stack_forward(
-    params: StackParams, activations: Sequence[nn.Module], x: torch.Tensor
-) -> torch.Tensor:
+def stack_forward(params: StackParams, activations: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The feedforward function F_θ(x) of App. C.2, with no output activation.
 
     Args:
@@ -369,24 +355,35 @@ class HiddenGroup:
     ) -> torch.Tensor:
         return torch.eye(self.width, dtype=dtype, device=device)
 
+    def basis_indices(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, l) of the basis of :meth:`lie_basis`: E_a = E_{k_a l_a} (GL, diagonal) or
+        E_{k_a l_a} − E_{l_a k_a} (𝔰𝔬_h, k < l), in the same order."""
+        h = self.width
+        if self.kind == "gl":
+            idx = torch.arange(h * h, device=device)
+            return idx // h, idx % h
+        if self.kind == "scaling":
+            idx = torch.arange(h, device=device)
+            return idx, idx
+        k, l = torch.triu_indices(h, h, offset=1, device=device)
+        return k, l
+
     def lie_basis(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """A basis of the Lie algebra 𝔤: E_kl (𝔤𝔩_h), E_kk (diagonal) or E_kl − E_lk, k < l (𝔰𝔬_h).
 
+        Dense: dim·h² entries (h⁴ for GL_h); :meth:`basis_indices` describes it without storage.
+
         Shape:
             (dim, h, h).
         """
-        h = self.width
-        if self.kind == "gl":
-            return torch.eye(h * h, dtype=dtype, device=device).view(h * h, h, h)
-        if self.kind == "scaling":
-            return torch.diag_embed(torch.eye(h, dtype=dtype, device=device))
-        k, l = torch.triu_indices(h, h, offset=1, device=device)
-        basis = torch.zeros(k.numel(), h, h, dtype=dtype, device=device)
+        k, l = self.basis_indices(device)
+        basis = torch.zeros(k.numel(), self.width, self.width, dtype=dtype, device=device)
         idx = torch.arange(k.numel(), device=device)
         basis[idx, k, l] = 1.0
-        basis[idx, l, k] = -1.0
+        if self.kind == "orthogonal":
+            basis[idx, l, k] = -1.0
         return basis
 
     def project(self, A: torch.Tensor) -> torch.Tensor:
@@ -438,9 +435,7 @@ class HiddenGroup:
             A = torch.randn(self.width, self.width, generator=generator, dtype=dtype, device=device)
             Q, R = torch.linalg.qr(A)
             return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
-        return self.exp(
-            self.random_lie(scale=scale, generator=generator, dtype=dtype, device=device)
-        )
+        return self.exp(self.random_lie(scale=scale, generator=generator, dtype=dtype, device=device))
 
     def inverse(self, g: torch.Tensor) -> torch.Tensor:
         if self.kind == "scaling":
@@ -453,8 +448,7 @@ class HiddenGroup:
         """How far ``g`` is from G: 0 for members (max-abs violation of the defining equations)."""
         if g.shape[-2:] != (self.width, self.width):
             raise ValueError(
-                f"{self.name} elements are ({self.width}, {self.width}) matrices, "
-                f"got {tuple(g.shape)}"
+                f"{self.name} elements are ({self.width}, {self.width}) matrices, got {tuple(g.shape)}"
             )
         if self.kind == "gl":
             s = torch.linalg.svdvals(g)
@@ -532,9 +526,7 @@ class LinearSymmetry:
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
         if not self.groups:
-            raise ValueError(
-                "a LinearSymmetry needs at least one hidden layer (a stack of >= 2 layers)"
-            )
+            raise ValueError("a LinearSymmetry needs at least one hidden layer (a stack of >= 2 layers)")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -581,9 +573,7 @@ class LinearSymmetry:
         return cls(tuple(groups))
 
     @classmethod
-    def for_module(
-        cls, module: nn.Module, kinds: Sequence[str | None] | str | None = None
-    ) -> LinearSymmetry:
+    def for_module(cls, module: nn.Module, kinds: Sequence[str | None] | str | None = None) -> LinearSymmetry:
         """The symmetry of a SymModel, SymHead or ``nn.Sequential(Linear, σ, …, Linear)``."""
         linears, acts = module_layers(module)
         return cls.for_activations(acts, [lin.out_features for lin in linears[:-1]], kinds)
@@ -608,14 +598,12 @@ class LinearSymmetry:
     def _check_element(self, g: Sequence[torch.Tensor], what: str = "group element") -> None:
         if len(g) != len(self.groups):
             raise ValueError(
-                f"a {what} has one matrix per hidden layer: expected {len(self.groups)}, "
-                f"got {len(g)}"
+                f"a {what} has one matrix per hidden layer: expected {len(self.groups)}, got {len(g)}"
             )
         for i, (gi, grp) in enumerate(zip(g, self.groups, strict=True)):
             if tuple(gi.shape) != (grp.width, grp.width):
                 raise ValueError(
-                    f"{what} entry {i + 1} must be ({grp.width}, {grp.width}), "
-                    f"got {tuple(gi.shape)}"
+                    f"{what} entry {i + 1} must be ({grp.width}, {grp.width}), got {tuple(gi.shape)}"
                 )
 
     # -- group structure ----------------------------------------------------------------------
@@ -715,16 +703,27 @@ class LinearSymmetry:
             biases.append(db)
         return StackParams(tuple(weights), tuple(biases))
 
-    def tangent_vectors(self, params: StackParams) -> torch.Tensor:
+    def tangent_vectors(self, params: StackParams, max_entries: float = 2e8) -> torch.Tensor:
         """The infinitesimal action of every Lie-algebra basis element, flattened.
 
         Row k is (E_k·θ).flatten() for the k-th basis element E_k of 𝔤 = 𝔤_1 × … × 𝔤_{L−1}
         (layer-1 basis first). The rows span the tangent space of the orbit G·θ.
 
+        Built by indexing (the basis elements E_kl, E_kk or E_kl − E_lk are never materialized),
+        so memory is that of the result; above ``max_entries`` it raises and points at
+        ``orbit_dimension(method="gram")``.
+
         Shape:
             (dim G, d).
         """
         self._check(params)
+        size = self.dim * params.numel
+        if size > max_entries:
+            raise ValueError(
+                f"the tangent matrix would have {self.dim} x {params.numel} = {size:.3g} entries "
+                f"(> max_entries = {max_entries:.3g}); for one hidden layer use "
+                "orbit_dimension(params, method='gram')"
+            )
         offsets, pos = [], 0
         for t in params.tensors():
             offsets.append(pos)
@@ -737,22 +736,35 @@ class LinearSymmetry:
             k += 1 if b is None else 2
         rows = []
         for i, grp in enumerate(self.groups):
-            E = grp.lie_basis(params.dtype, params.device)  # (D, h, h)
-            D = E.shape[0]
-            out = torch.zeros(D, d, dtype=params.dtype, device=params.device)
+            k, l = grp.basis_indices(params.device)  # E_a = E_{k_a l_a} (− E_{l_a k_a} for 𝔰𝔬_h)
+            D, a = k.numel(), torch.arange(k.numel(), device=params.device)
             W_in, b_in, W_out = params.weights[i], params.biases[i], params.weights[i + 1]
-            w_off, b_off = slot[i]
-            out[:, w_off : w_off + W_in.numel()] = (E @ W_in).reshape(D, -1)
+            c = grp.alpha if grp.kind == "scaling" else 1.0  # dπ(E) = c E
+            # E_kl W puts row l of W into row k; W E_kl puts column k of W into column l
+            t_in = torch.zeros(D, *W_in.shape, dtype=params.dtype, device=params.device)
+            t_in[a, k] = W_in[l]
+            t_out = torch.zeros(D, *W_out.shape, dtype=params.dtype, device=params.device)
+            t_out[a, :, l] = -c * W_out[:, k].T
+            t_b = None
             if b_in is not None:
-                out[:, b_off : b_off + b_in.numel()] = E @ b_in
+                t_b = torch.zeros(D, b_in.numel(), dtype=params.dtype, device=params.device)
+                t_b[a, k] = b_in[l]
+            if grp.kind == "orthogonal":  # the − E_lk half
+                t_in[a, l] -= W_in[k]
+                t_out[a, :, k] += c * W_out[:, l].T
+                if t_b is not None:
+                    t_b[a, l] -= b_in[k]
+            out = torch.zeros(D, d, dtype=params.dtype, device=params.device)
+            w_off, b_off = slot[i]
+            out[:, w_off : w_off + W_in.numel()] = t_in.reshape(D, -1)
+            if t_b is not None:
+                out[:, b_off : b_off + b_in.numel()] = t_b
             w2_off = slot[i + 1][0]
-            out[:, w2_off : w2_off + W_out.numel()] = -(W_out @ grp.dpi(E)).reshape(D, -1)
+            out[:, w2_off : w2_off + W_out.numel()] = t_out.reshape(D, -1)
             rows.append(out)
         return torch.cat(rows, dim=0)
 
-    def orbit_dimension(
-        self, params: StackParams, rtol: float | None = None, method: str = "auto"
-    ) -> int:
+    def orbit_dimension(self, params: StackParams, rtol: float | None = None, method: str = "auto") -> int:
         """dim G·θ = rank of {M·θ : M ∈ 𝔤}, the numerical rank of :meth:`tangent_vectors`.
 
         Args:
@@ -815,9 +827,7 @@ class LinearSymmetry:
         """The (d, d) matrix of θ ↦ M·θ in flattened coordinates (for small d)."""
         d = params.numel
         eye = torch.eye(d, dtype=params.dtype, device=params.device)
-        return torch.stack(
-            [self.infinitesimal(M, params.unflatten(e)).flatten() for e in eye], dim=1
-        )
+        return torch.stack([self.infinitesimal(M, params.unflatten(e)).flatten() for e in eye], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -882,9 +892,7 @@ def module_layers(module: nn.Module) -> tuple[list[nn.Linear], list[Activation]]
         for j, layer in enumerate(layers):
             if j % 2 == 0:
                 if not isinstance(layer, nn.Linear):
-                    raise ValueError(
-                        f"MLP module {j} must be nn.Linear, got {type(layer).__name__}"
-                    )
+                    raise ValueError(f"MLP module {j} must be nn.Linear, got {type(layer).__name__}")
                 linears.append(layer)
             else:
                 acts.append(_as_activation(layer, f"MLP module {j}"))
@@ -910,8 +918,7 @@ def load_stack_params(module: nn.Module, params: StackParams) -> None:
     current = stack_params(module, dtype=None)
     if current.widths != params.widths or current.has_bias != params.has_bias:
         raise ValueError(
-            f"parameters with widths {params.widths} do not fit a module with widths "
-            f"{current.widths}"
+            f"parameters with widths {params.widths} do not fit a module with widths {current.widths}"
         )
     for lin, W, b in zip(linears, params.weights, params.biases, strict=True):
         lin.weight.copy_(W.to(lin.weight.dtype))
