@@ -105,10 +105,15 @@ def inspect_cmd(checkpoint: str, out: Path | None) -> None:
     )
     if layer.get("note"):
         click.echo(f"note: {layer['note']}")
-    click.echo(
-        f"Q total = {layer['total']:.6g}; per unit: "
-        + ", ".join(f"{q:.4g}" for q in layer["per_unit"])
-    )
+    per_unit = layer["per_unit"]
+    if len(per_unit) <= 16:
+        detail = "per unit: " + ", ".join(f"{q:.4g}" for q in per_unit)
+    else:
+        detail = (
+            f"per unit ({len(per_unit)}): min {min(per_unit):.4g}, "
+            f"mean {sum(per_unit) / len(per_unit):.4g}, max {max(per_unit):.4g} (all in the JSON)"
+        )
+    click.echo(f"Q total = {layer['total']:.6g}; {detail}")
     _echo_paths(*paths)
 
 
@@ -145,15 +150,9 @@ _POINTWISE = click.Choice(["identity", "relu", "leaky_relu", "tanh", "sigmoid"])
     show_default=True,
     help="Gradient-descent steps (the paper: 400000).",
 )
-@click.option(
-    "--m", type=click.IntRange(min=1), default=5, show_default=True, help="Output width m."
-)
-@click.option(
-    "--h", type=click.IntRange(min=1), default=50, show_default=True, help="Hidden width h."
-)
-@click.option(
-    "--n", type=click.IntRange(min=1), default=10, show_default=True, help="Input width n."
-)
+@click.option("--m", type=click.IntRange(min=1), default=5, show_default=True, help="Output width m.")
+@click.option("--h", type=click.IntRange(min=1), default=50, show_default=True, help="Hidden width h.")
+@click.option("--n", type=click.IntRange(min=1), default=10, show_default=True, help="Input width n.")
 @click.option(
     "--init-std",
     type=click.FloatRange(min=0, min_open=True),
@@ -195,9 +194,7 @@ def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -
     except ValueError as err:
         raise _fail(err) from None
     result["q_definition"] = "eq. 47: Q = 1/2 Tr U^T U - sum int_0^V sigma/sigma'"
-    paths = _write(
-        out or DEFAULT_OUT / "dynamics", "dynamics", "dynamics", settings, result, plot_q_dynamics
-    )
+    paths = _write(out or DEFAULT_OUT / "dynamics", "dynamics", "dynamics", settings, result, plot_q_dynamics)
     for name, res in result["results"].items():
         cells = ", ".join(
             f"lr={lr:g}: max|dQ~|={d:.2e} loss={f:.2e}"
@@ -211,8 +208,7 @@ def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -
             f"max |dQ|/(lr^2|dL/dt|) = {max(e1['max_ratio']):.3f}"
         )
     click.echo(
-        "dQ~ grows with lr: "
-        + ", ".join(f"{k}={v}" for k, v in result["checks"]["grows_with_lr"].items())
+        "dQ~ grows with lr: " + ", ".join(f"{k}={v}" for k, v in result["checks"]["grows_with_lr"].items())
     )
     _echo_paths(*paths)
 
@@ -232,9 +228,7 @@ class _ConfigType(click.ParamType):
             return value
         parts = [p.strip() for p in str(value).split(",")]
         if len(parts) != 4:
-            self.fail(
-                f"expected m,h,n,activation (e.g. 100,200,100,identity), got {value!r}", param, ctx
-            )
+            self.fail(f"expected m,h,n,activation (e.g. 100,200,100,identity), got {value!r}", param, ctx)
         try:
             m, h, n = (int(p) for p in parts[:3])
         except ValueError:
@@ -338,8 +332,7 @@ def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
     type=float,
     multiple=True,
     default=None,
-    help="Initial Q to reach exactly (repeat) [default: -10 -2 0 2 10 elementwise; "
-    "0.25 0.5 1 2 radial].",
+    help="Initial Q to reach exactly (repeat) [default: -10 -2 0 2 10 elementwise; 0.25 0.5 1 2 radial].",
 )
 @click.option(
     "--lr",
@@ -393,9 +386,7 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
         **{k: v for k, v in kw.items() if k != "progress"},
     }
     result["q_definition"] = (
-        "radial: Q = sum_i lambda_i = Tr[U^T U + V^T V] (eqs. 70-71)"
-        if kind == "radial"
-        else "eq. 47"
+        "radial: Q = sum_i lambda_i = Tr[U^T U + V^T V] (eqs. 70-71)" if kind == "radial" else "eq. 47"
     )
     paths = _write(
         out or DEFAULT_OUT / "convergence",
@@ -444,15 +435,9 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
     show_default=True,
     help="Std of the initial entries, which sets Q (repeat).",
 )
-@click.option(
-    "--m", type=click.IntRange(min=1), default=10, show_default=True, help="Output width m."
-)
-@click.option(
-    "--h", type=click.IntRange(min=1), default=50, show_default=True, help="Hidden width h."
-)
-@click.option(
-    "--n", type=click.IntRange(min=1), default=5, show_default=True, help="Input width n."
-)
+@click.option("--m", type=click.IntRange(min=1), default=10, show_default=True, help="Output width m.")
+@click.option("--h", type=click.IntRange(min=1), default=50, show_default=True, help="Hidden width h.")
+@click.option("--n", type=click.IntRange(min=1), default=5, show_default=True, help="Input width n.")
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
@@ -484,9 +469,7 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
 @_seed_option
 @_out_option
 @_quiet_option
-def hessian_cmd(
-    activations, init_stds, m, h, n, lr, steps, method, zero_tol, seed, out, quiet
-) -> None:
+def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, seed, out, quiet) -> None:
     """Train W = U sigma(V) from inits with different Q, take the Hessian of ||Y - W||^2 at the
     end, and count the near-zero eigenvalues against the symmetry orbit dimension (Prop. C.3);
     also check eq. 83 on the one-dimensional example."""
@@ -521,9 +504,7 @@ def hessian_cmd(
     except ValueError as err:
         raise _fail(err) from None
     result["q_definition"] = "eq. 47 at initialization"
-    paths = _write(
-        out or DEFAULT_OUT / "hessian", "hessian", "hessian", settings, result, plot_hessian
-    )
+    paths = _write(out or DEFAULT_OUT / "hessian", "hessian", "hessian", settings, result, plot_hessian)
     d = m * h + h * n
     for name, res in result["results"].items():
         for r in res["runs"]:
@@ -606,9 +587,7 @@ def _plot_teleport(report: dict[str, Any], path: Path) -> None:
 @command.command("teleport", short_help="Move a model along its orbit to a chosen Q or flatness.")
 @click.argument("checkpoint")
 @click.option("--target", type=float, default=None, help="Target total Q = sum_k Q_k of the head.")
-@click.option(
-    "--unit-targets", default=None, help="Target Q_k per hidden unit, comma-separated (h numbers)."
-)
+@click.option("--unit-targets", default=None, help="Target Q_k per hidden unit, comma-separated (h numbers).")
 @click.option(
     "--flattest",
     type=click.Choice(["trace", "top"]),
@@ -817,6 +796,4 @@ def teleport_cmd(
         )
     click.echo(f"wrote {out}, {json_path} and {png_path}")
     if not ok:
-        raise click.ClickException(
-            f"test loss/accuracy changed by more than --tol {tol:g}: see {json_path}"
-        )
+        raise click.ClickException(f"test loss/accuracy changed by more than --tol {tol:g}: see {json_path}")
