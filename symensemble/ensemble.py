@@ -53,6 +53,11 @@ AGGREGATES = ("mean", "vote", "logit_mean")
 
 _MEMBER_BUFFERS = ("g", "W", "b", "condition", "calibration_hidden")
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: Multiply-adds of member-head work per CPU thread (about 5 ms of float64 work). Below that,
+#: synchronizing OpenMP workers for each of the head's few large ops costs more than it saves:
+#: paper_cnn, G = 200, B = 1,000 (83 M) on 2 busy cores took 1.04× the model with one thread
+#: and 1.24× with two.
+_MACS_PER_THREAD = 64_000_000
 
 
 @dataclass
@@ -563,13 +568,22 @@ class SymmetryEnsemble(nn.Module):
             return reduce(self._member_chunk(Hc, gc, Wc, b))
 
         out = []
-        for sl in chunks:
-            if checkpoint:
-                out.append(
-                    torch.utils.checkpoint.checkpoint(step, Hd, g[sl], W[sl], use_reentrant=False)
-                )
-            else:
-                out.append(step(Hd, g[sl], W[sl]))
+        work = (
+            H.shape[0]
+            * self._num_members
+            * self.hidden_features
+            * (self.hidden_features + self.num_classes)
+        )
+        with _threads(work // _MACS_PER_THREAD):
+            for sl in chunks:
+                if checkpoint:
+                    out.append(
+                        torch.utils.checkpoint.checkpoint(
+                            step, Hd, g[sl], W[sl], use_reentrant=False
+                        )
+                    )
+                else:
+                    out.append(step(Hd, g[sl], W[sl]))
         return out
 
     def member_logits(self, x: Tensor) -> Tensor:
@@ -692,22 +706,28 @@ def _check_distinct(hidden: Tensor, s: int) -> None:
 
 
 @contextlib.contextmanager
-def _few_threads(h: int) -> Iterator[None]:
+def _threads(n: int) -> Iterator[None]:
+    """Cap torch's intra-op CPU threads at max(1, n) inside the block (never raise them)."""
+    old = torch.get_num_threads()
+    n = max(1, int(n))
+    if n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _few_threads(h: int) -> contextlib.AbstractContextManager[None]:
     """Run the many tiny float64 LAPACK calls of a draw on one thread when h is small.
 
     Right after a backbone forward, OpenMP workers still spin-wait; multi-threaded MKL calls
     on (G, h, h) batches then contend with them and a 5 ms draw can take seconds (measured
     3.2 s vs 4 ms on 2 cores). One thread avoids that; large h keeps all threads.
     """
-    if h > 64:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return _threads(1 if h <= 64 else torch.get_num_threads())
 
 
 def _flatten(x: Tensor) -> Tensor:
