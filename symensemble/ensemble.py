@@ -17,7 +17,7 @@ Numerics: with eps = 10, g_k = exp(eps·T_k) has condition numbers of 1e6–1e12
 σ(g_k H_k) up to ~1e15 (h = 16), so members are drawn *and evaluated* in float64 by default
 (``head_dtype``); in float32 the members' outputs would be dominated by rounding. A member
 reproduces its calibration logits to about cond(σ(g_k H_k)) × 1e-16 × |logits| — below 1e-4 for
-cond ≤ 1e12 (≈ 97% of members at eps = 10, h = 16; see ``docs/ensembles.md``).
+cond ≤ 1e12 (≈ 98% of members at eps = 10, h = 16; see ``docs/ensembles.md``).
 
 Example:
     >>> import symensemble as se
