@@ -72,6 +72,7 @@ __all__ = [
     "stratified_subset",
     "sanity_checks",
     "parse_eps",
+    "format_eps",
     "ORIGINAL",
     "WHITEBOX",
     "WORST",
@@ -130,6 +131,16 @@ def parse_eps(value: str | float | int) -> float:
             "[0, 1] (write 8/255 for 8 intensity levels)"
         )
     return eps
+
+
+def format_eps(eps: float) -> str:
+    """A radius as people write it: ``8/255`` for a whole number of levels, else ``0.003``."""
+    if eps == 0:
+        return "0"
+    levels = eps * 255
+    if abs(levels - round(levels)) < 1e-6 and round(levels) >= 1:
+        return f"{round(levels)}/255"
+    return f"{eps:.4g}"
 
 
 @dataclass(frozen=True)
@@ -438,6 +449,10 @@ def _significantly_greater(hi: Record, lo: Record, z: float, tol: float) -> bool
     return se == 0.0 or diff / se > z
 
 
+def _fmt(field: str, value: Any) -> str:
+    return format_eps(value) if field == "eps" else str(value)
+
+
 def _label(r: Record) -> str:
     who = r.transform if r.num_members is None else (
         f"{r.transform} (G={r.num_members}, ensemble eps={r.ensemble_eps:g})")
@@ -528,7 +543,7 @@ def sanity_checks(
         ref = fgsm.get((r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps))
         if ref is not None and _significantly_greater(r, ref, z, tol):
             warnings.append(
-                f"[iterative-weaker] {_label(r)} at eps={r.eps:g} leaves {r.accuracy:.3f} "
+                f"[iterative-weaker] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
                 f"accuracy but single-step FGSM leaves {ref.accuracy:.3f}; an iterative attack "
                 "should be at least as strong (too small a step size, too few steps, or "
                 "gradient masking)"
@@ -543,7 +558,7 @@ def sanity_checks(
         ref = transfer.get((r.attack, r.transform, r.num_members, r.ensemble_eps, r.eps, r.steps))
         if ref is not None and _significantly_greater(r, ref, z, tol):
             warnings.append(
-                f"[gradient-masking] {_label(r)} at eps={r.eps:g} leaves {r.accuracy:.3f} "
+                f"[gradient-masking] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
                 f"accuracy, more than the transfer attack from the base model "
                 f"({ref.accuracy:.3f}); the ensemble's own gradients are less useful than a "
                 "surrogate's — do not trust the adaptive number as a robustness claim"
@@ -554,7 +569,7 @@ def sanity_checks(
         if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
                 and r.threat in ("adaptive", WHITEBOX) and r.accuracy > large_eps_max_accuracy):
             warnings.append(
-                f"[large-eps] {_label(r)} at eps={r.eps:.4f} (64/255) leaves {r.accuracy:.3f} "
+                f"[large-eps] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
                 f"accuracy (expected about 0, at most {large_eps_max_accuracy:g}); the attack "
                 "does not work on this model — gradient masking or a broken pipeline"
             )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
-from .evaluate import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record
+from .evaluate import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record, format_eps
 
 __all__ = [
     "markdown_table",
@@ -44,16 +44,6 @@ RECORD_FIELDS = ("transform", "threat", "attack", "eps", "steps", "accuracy", "c
                  "n", "correct", "num_members", "ensemble_eps", "alpha")
 _THREAT_ORDER = {WHITEBOX: 0, "transfer": 1, "adaptive": 2, WORST: 3}
 _THREAT_LABEL = {WHITEBOX: "white-box", WORST: "worst-case"}
-
-
-def format_eps(eps: float) -> str:
-    """A radius as people write it: ``8/255`` for a whole number of levels, else ``0.003``."""
-    if eps == 0:
-        return "0"
-    levels = eps * 255
-    if abs(levels - round(levels)) < 1e-6 and round(levels) >= 1:
-        return f"{round(levels)}/255"
-    return f"{eps:.4g}"
 
 
 def _strength_order(records: Sequence[Record]) -> list[tuple[float, int | None]]:
