@@ -54,9 +54,9 @@ AGGREGATES = ("mean", "vote", "logit_mean")
 _MEMBER_BUFFERS = ("g", "W", "b", "condition", "calibration_hidden")
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
 #: Multiply-adds of member-head work per CPU thread (about 5 ms of float64 work). Below that,
-#: synchronizing OpenMP workers for each of the head's few large ops costs more than it saves:
-#: paper_cnn, G = 200, B = 1,000 (83 M) on 2 busy cores took 1.04× the model with one thread
-#: and 1.24× with two.
+#: synchronizing OpenMP workers for each of the head's few large ops is not worth it: paper_cnn,
+#: G = 200, B = 1,000 (83 M) took 1.08× the model with one thread and 1.04× with two on a quiet
+#: 2-core machine, but 1.04–1.07× vs 1.12–1.24× when other jobs loaded it.
 _MACS_PER_THREAD = 64_000_000
 
 
