@@ -57,7 +57,11 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    """One split: ``images`` uint8 (N, 3, 32, 32) and ``labels`` int64 (N,)."""
+    """One split: ``images`` uint8 (N, 3, 32, 32) and ``labels`` int64 (N,).
+
+    Images keep the source's order, which for class-folder trees is class by class: draw
+    subsets (calibration images, evaluation subsets) at random, never as a prefix.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -281,7 +285,10 @@ def load_cifar10(
     """
     train, test, classes, origin = _resolve(source, download)
     if not 0 <= val_size < len(train):
-        raise DataError(f"val_size must be in [0, {len(train)}), got {val_size}")
+        raise DataError(
+            f"val_size must be in [0, {len(train)}) for the {len(train)} training images found, "
+            f"got {val_size} (use val_size=0 for no validation split)"
+        )
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     return CIFAR10(train.subset(train_idx), train.subset(val_idx), test, classes, origin)
