@@ -90,6 +90,10 @@ def markdown_table(result: EvaluationResult, *, digits: int = 3) -> str:
             fixed.append(f"steps={cols[0][1]}")
         out.append(f"**{attack}**" + (f" ({', '.join(fixed)})" if fixed else ""))
         out.append("")
+        if sweep and len(cols) == 1:
+            out += _sweep_rows(recs, result.settings, order, digits)
+            out.append("")
+            continue
         head = ["transform", "threat"] + (["G", "ens. eps"] if sweep else []) + labels
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join([":---"] * (4 if sweep else 2) + ["---:"] * len(labels)) + "|")
@@ -113,6 +117,26 @@ def markdown_table(result: EvaluationResult, *, digits: int = 3) -> str:
                "base model; `adaptive`: crafted on each ensemble itself; `worst-case`: images "
                "that survive both.")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _sweep_rows(recs: list[Record], settings: dict[str, Any], order: dict[str, int],
+                digits: int) -> list[str]:
+    """A one-strength sweep: rows transform × threat × G, columns ensemble eps."""
+    radii = list(settings.get("ensemble_eps", []))
+    head = ["transform", "threat", "G"] + [f"ens. eps={e:g}" for e in radii]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join([":---"] * 3 + ["---:"] * len(radii)) + "|"]
+    rows: dict[tuple, dict[float | None, Record]] = {}
+    for r in sorted(recs, key=lambda r: _row_key(r, order)):
+        rows.setdefault((r.transform, r.threat, r.num_members), {})[r.ensemble_eps] = r
+    for (transform, threat, g), cells in rows.items():
+        lead = [transform, _THREAT_LABEL.get(threat, threat), "" if g is None else str(g)]
+        if None in cells:  # the base model: the same number in every column
+            vals = [f"{cells[None].accuracy:.{digits}f}"] * len(radii)
+        else:
+            vals = [f"{cells[e].accuracy:.{digits}f}" if e in cells else "" for e in radii]
+        lines.append("| " + " | ".join(lead + vals) + " |")
+    return lines
 
 
 def warnings_text(result: EvaluationResult) -> str:
@@ -287,27 +311,32 @@ def plot_delta_heatmap(result: EvaluationResult, *, attack: str | None = None,
         grids[t] = grid
     finite = [np.nanmax(np.abs(g)) for g in grids.values() if np.isfinite(g).any()]
     vmax = max(finite + [1e-3])
-    fig = _new_figure(3.6 * max(len(transforms), 1) + 0.8, 3.2 + 0.12 * len(radii))
+    fig = _new_figure(0.45 * len(members) * max(len(transforms), 1) + 2.5,
+                      1.2 + 0.38 * len(radii))
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(1, max(len(transforms), 1), squeeze=False)[0]
     image = None
-    for ax, t in zip(axes, transforms, strict=False):
+    for i, (ax, t) in enumerate(zip(axes, transforms, strict=False)):
         grid = grids[t]
         image = ax.imshow(grid, cmap="coolwarm_r", vmin=-vmax, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(len(members)), [str(m) for m in members], rotation=45, ha="right")
-        ax.set_yticks(range(len(radii)), [f"{v:g}" for v in radii])
-        ax.set_xlabel("# of transformed models (num_members)", fontsize=9)
-        ax.set_ylabel("ensemble ε", fontsize=9)
-        ax.set_title(f"accuracy ({t} − original)", fontsize=10)
+        ax.set_xticks(range(len(members)), [str(m) for m in members], fontsize=7)
+        ax.set_yticks(range(len(radii)), [f"{v:g}" for v in radii] if i == 0 else [],
+                      fontsize=7)
+        ax.set_xlabel("num_members G", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("ensemble ε", fontsize=8)
+        ax.set_title(f"{t} − original", fontsize=9)
         for yi in range(len(radii)):
             for xi in range(len(members)):
                 if np.isfinite(grid[yi, xi]):
-                    ax.text(xi, yi, f"{grid[yi, xi]:+.3f}", ha="center", va="center",
-                            fontsize=6, color="black")
+                    ax.text(xi, yi, f"{grid[yi, xi]:+.2f}", ha="center", va="center",
+                            fontsize=5.5, color="black")
     if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.85, label="Δ accuracy")
+        fig.colorbar(image, ax=list(axes), shrink=0.9, label="Δ accuracy")
     strength = f"{attack} eps={format_eps(eps)}" + (f" steps={steps}" if steps else "")
-    fig.suptitle(f"{threat}, {'clean' if eps == 0 or steps == 0 else strength}; "
-                 f"original accuracy {base_acc:.3f}", fontsize=10)
+    fig.suptitle(f"Accuracy change vs. the single model ({threat}, "
+                 f"{'clean' if eps == 0 or steps == 0 else strength}; original accuracy "
+                 f"{base_acc:.3f})", fontsize=9)
     return fig
 
 
