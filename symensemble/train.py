@@ -34,7 +34,7 @@ from .data import CIFAR10, Split, iterate_batches, load_cifar10
 from .models import SymModel, create_model
 from .recipe import Recipe
 
-__all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "Callback"]
+__all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,13 @@ def _train_epoch(
     return {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1)}
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One readable line for an epoch's metrics."""
+    return (f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  "
+            f"val acc {metrics['val_accuracy']:.4f}  test acc {metrics['test_accuracy']:.4f}  "
+            f"({metrics['epoch_seconds']:.1f} s)")
+
+
 def _default_out(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.model}-{recipe.act}-h{recipe.hidden}-seed{recipe.seed}.safetensors"
 
@@ -247,13 +254,7 @@ def train(
             extra={"optimizer": None if last else opt_meta, "complete": last},
         )
         atomic_write_text(log_path, json.dumps({**header, "epochs": history}, indent=2))
-        log.info("epoch %d: %s", epoch + 1, metrics)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{recipe.epochs}  train loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_accuracy']:.4f}  val acc {metrics['val_accuracy']:.4f}  "
-                f"test acc {metrics['test_accuracy']:.4f}  ({metrics['epoch_seconds']:.1f} s)"
-            )
+        log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, format_metrics(metrics))
     model.eval()
     return TrainResult(model, history, out, log_path)
 

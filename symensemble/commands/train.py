@@ -36,7 +36,7 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
 
     The checkpoint is written atomically after every epoch, metrics to <out>.log.json.
     """
-    from ..train import train
+    from ..train import format_metrics, train
 
     try:
         recipe = load_recipe(recipe_path).replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
@@ -49,6 +49,9 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         from ..diagnostics import QRecorder
 
         callbacks.append(QRecorder())
+    if not quiet:
+        callbacks.append(lambda model, epoch, metrics: click.echo(
+            f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True))
     try:
         result = train(recipe, data=data, out=out, device=device, resume=resume, download=download,
                        callbacks=callbacks, progress=not quiet)
