@@ -792,7 +792,8 @@ def evaluate(
     summed; the result equals the single-process one.
 
     Args:
-        model: a model (images in [0, 1] → logits) or a checkpoint path / shipped name.
+        model: a model (images in [0, 1] → logits; moved to ``device``, put in eval mode
+            during the run and restored after) or a checkpoint path / shipped name.
         data: a CIFAR-10 source path, ``None`` ($SYMENSEMBLE_DATA or the cache), or a loaded
             dataset with ``.train`` and ``.test`` splits (``.images``, ``.labels``).
         n: test images, drawn with ``seed`` and stratified by class.
@@ -831,6 +832,7 @@ def evaluate(
         symensemble.checkpoint.CheckpointError, symensemble.data.DataError: bad model or data.
     """
     started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     # ---- validate everything before touching data or models
     attacks = _names(attack, "attack")
     for name in attacks:
@@ -1042,6 +1044,7 @@ def evaluate(
         "world_size": dist_info.world_size,
         "versions": _versions(),
         "git_revision": git_revision(),
+        "started_at": started_at,
         "elapsed_s": round(time.perf_counter() - started, 3),
         "grid_seconds": {f"{role}:{s.key}": round(sec, 3)
                          for (role, s, _), sec in zip(units, unit_seconds, strict=True)},

@@ -95,6 +95,7 @@ def test_attack_prints_the_table_and_writes_every_file(tiny_world, tmp_path):
     assert s["transforms"] == ["original", "group", "ginv"] and s["seed"] == 0
     assert set(s["versions"]) >= {"torch", "torchattacks", "symensemble"}
     assert "git_revision" in s and s["calibration"]["split"] == "train"
+    assert s["command"].startswith("symensemble") and s["started_at"]
     assert len(payload["records"]) == 2 * (1 + 3 * 2)
     assert "| group | worst-case |" in result.output
     assert isinstance(payload["warnings"], list)
@@ -109,7 +110,7 @@ def test_attack_sweep_writes_the_delta_heatmap(tiny_world, tmp_path):
                  "--quiet")
     assert result.exit_code == 0, result.output
     assert (out / "delta_heatmap.png").is_file()
-    assert "| transform | threat | G | ens. eps | eps=0 |" in result.output
+    assert "| transform | threat | G | ens. eps=1 | ens. eps=0.1 |" in result.output
 
 
 def test_attack_default_out_folder(tiny_world, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +137,7 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
             return
     finally:
         shutdown()
+    result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
     if out is None:
         out = Path("runs") / f"attack-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_results(result, out, figures=figures)

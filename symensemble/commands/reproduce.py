@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
     finally:
         shutdown()
     result.settings["recipe"] = {"path": str(spec.path), "title": spec.title}
+    result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
     if out is None:
         out = Path("runs") / f"{spec.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_results(result, out, figures=figures)
