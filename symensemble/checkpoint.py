@@ -67,19 +67,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def git_revision() -> str:
-    """The git commit of the source tree this package runs from, or ``"unknown"``."""
+    """The git commit of the source tree this package runs from, ``+dirty`` when it has
+    uncommitted changes to tracked files, or ``"unknown"`` outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=_PACKAGE_ROOT, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=_PACKAGE_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip()
+        revision = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return revision + ("+dirty" if dirty else "")
 
 
 def save_checkpoint(

@@ -114,3 +114,11 @@ def test_shipped_checkpoint_matches_its_card():
     result = evaluate_split(model, load_cifar10(real_cifar_root()).test)
     assert result["accuracy"] == pytest.approx(info["metrics"]["test_accuracy"], abs=1e-9)
     assert result["accuracy"] >= 0.62
+
+
+def test_git_revision_format():
+    import re
+
+    from symensemble.checkpoint import git_revision
+
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", git_revision())
