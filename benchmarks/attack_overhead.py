@@ -30,7 +30,8 @@ import torchattacks
 
 import symensemble as se
 from symensemble.attacks import get_attack
-from symensemble.evaluate import DifferentiableView, evaluate, stratified_subset
+from symensemble.evaluation import evaluate, stratified_subset
+from symensemble.threats import DifferentiableView
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 

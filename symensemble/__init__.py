@@ -31,7 +31,9 @@ _EXPORTS = {
     "SymmetryEnsemble": "symensemble.ensemble",
     "HeadParts": "symensemble.ensemble",
     "TRANSFORMS": "symensemble.ensemble",
-    "evaluate": "symensemble.evaluate",
+    "evaluate": "symensemble.evaluation",
+    "EvaluationResult": "symensemble.records",
+    "load_results": "symensemble.records",
 }
 
 __all__ = ["__version__", *_EXPORTS]

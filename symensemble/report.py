@@ -1,4 +1,4 @@
-"""Tables (markdown, CSV, JSON) and figures for an :class:`~symensemble.evaluate.EvaluationResult`.
+"""Tables (markdown, CSV, JSON) and figures for an :class:`~symensemble.records.EvaluationResult`.
 
 * :func:`markdown_table` — rows = transform × threat (× ensemble size and radius in sweeps),
   columns = attack strength; one table per attack. The base model has one row, ``white-box``.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
-from .evaluate import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record, format_eps
+from .records import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record, format_eps
 
 __all__ = [
     "markdown_table",

@@ -14,7 +14,7 @@ from torchvision.io import write_png
 
 import symensemble as se
 from symensemble.cli import main
-from symensemble.evaluate import load_evaluation_recipe
+from symensemble.evaluation import load_evaluation_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io
 

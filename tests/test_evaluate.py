@@ -1,4 +1,4 @@
-"""symensemble.evaluate / symensemble.attacks on tiny synthetic models and data (fast, CPU)."""
+"""symensemble.evaluation, records, threats, sanity and attacks on tiny synthetic models (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,19 @@ from torch import nn
 import symensemble as se
 from symensemble import attacks as atk
 from symensemble.data import CIFAR10, Split
-from symensemble.evaluate import (
-    LARGE_EPS,
+from symensemble.evaluation import evaluate, stratified_subset
+from symensemble.records import (
     ORIGINAL,
     WHITEBOX,
     WORST,
-    DifferentiableView,
     Record,
     Strength,
     Target,
-    evaluate,
-    get_threat,
     parse_eps,
-    sanity_checks,
-    stratified_subset,
     wilson_interval,
 )
+from symensemble.sanity import LARGE_EPS, sanity_checks
+from symensemble.threats import DifferentiableView, get_threat
 
 torch.set_num_threads(2)
 NUM_CLASSES = 10
@@ -521,11 +518,16 @@ def test_differentiable_view_restores_the_aggregate(world):
     assert math.isfinite(float(out.detach().sum()))
 
 
-def test_package_level_evaluate_is_callable_in_any_import_order(world):
-    import symensemble.evaluate as module  # binds the package attribute to the module
+def test_package_level_evaluate_is_the_function_after_importing_the_modules(world):
+    import symensemble.evaluation
+    import symensemble.records
+    import symensemble.sanity
+    import symensemble.threats
 
     model, data = world
-    assert callable(se.evaluate) and callable(module)
+    assert se.evaluate is symensemble.evaluation.evaluate
+    assert se.EvaluationResult is symensemble.records.EvaluationResult
+    assert se.load_results is symensemble.records.load_results
     result = se.evaluate(model, data, **small(eps=[0.0], transforms=[ORIGINAL], n=10))
     assert result.records[0].n == 10
 

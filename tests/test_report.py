@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from symensemble.evaluate import (
+from symensemble.records import (
     ORIGINAL,
     WHITEBOX,
     EvaluationResult,

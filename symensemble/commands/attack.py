@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..attacks import DEFAULT_EOT_ITER, list_attacks
-from ..evaluate import DEFAULT_TRANSFORMS, ORIGINAL, PAPER_FGSM_EPS, THREATS, parse_eps
+from ..records import DEFAULT_TRANSFORMS, ORIGINAL, PAPER_FGSM_EPS, THREATS, parse_eps
 
 __all__ = ["command", "CommaList", "run_evaluation", "evaluate_or_fail", "resolve_device"]
 
@@ -109,7 +109,7 @@ def evaluate_or_fail(settings: dict[str, Any], *, quiet: bool, context: str = ""
     """
     from ..checkpoint import CheckpointError
     from ..data import DataError
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     try:
         return evaluate(**settings, progress=not quiet)

@@ -47,7 +47,7 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
       paper_fig11_pgd   PGD iterations grid (eps 0.3, step 0.01), transfer and adaptive
     """
     from ..distributed import is_main_process, shutdown
-    from ..evaluate import load_evaluation_recipe
+    from ..evaluation import load_evaluation_recipe
     from ..report import compare_with_paper, markdown_table, warnings_text, write_results
     from .attack import evaluate_or_fail, resolve_device
 

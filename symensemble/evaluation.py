@@ -24,6 +24,10 @@ Accuracy is counted with the aggregate the user chose (``vote`` by default, the 
 mode of member predictions), with a 95% Wilson interval. Sanity checks run on every
 evaluation (:func:`sanity_checks`) and come back as warnings.
 
+The pieces live in their own modules: :mod:`symensemble.records` (constants, records, the
+result), :mod:`symensemble.threats` (threat models) and :mod:`symensemble.sanity` (checks).
+This module holds the subset draw, the runner, :func:`evaluate` and the evaluation recipes.
+
     >>> import symensemble as se
     >>> result = se.evaluate("paper_cnn", n=1000, attack="fgsm")
     >>> result.accuracy("group", "transfer", eps=0.012)
@@ -37,13 +41,11 @@ import os
 import platform
 import sys
 import time
-import types
 import zlib
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,271 +53,34 @@ from torch import nn
 from . import __version__
 from .attacks import DEFAULT_EOT_ITER, AttackPreset, get_attack
 from .distributed import DistInfo, all_reduce_sum, init_distributed, rank_device, shard
+from .records import (
+    DEFAULT_TRANSFORMS,
+    ORIGINAL,
+    PAPER_FGSM_EPS,
+    THREATS,
+    WHITEBOX,
+    WORST,
+    EvaluationResult,
+    Record,
+    Strength,
+    Target,
+    parse_eps,
+    wilson_interval,
+)
+from .sanity import LARGE_EPS, LARGE_EPS_STEPS, sanity_checks
+from .threats import get_threat
 
 __all__ = [
     "evaluate",
-    "EvaluationResult",
-    "Record",
-    "Strength",
-    "Target",
-    "ThreatModel",
-    "Transfer",
-    "Adaptive",
-    "DifferentiableView",
-    "get_threat",
-    "list_threats",
-    "wilson_interval",
-    "load_results",
     "EvaluationRecipe",
     "load_evaluation_recipe",
     "resolve_recipe",
     "stratified_subset",
-    "sanity_checks",
-    "parse_eps",
-    "format_eps",
-    "ORIGINAL",
-    "WHITEBOX",
-    "WORST",
-    "THREATS",
-    "DEFAULT_TRANSFORMS",
-    "PAPER_FGSM_EPS",
-    "LARGE_EPS",
 ]
 
 log = logging.getLogger(__name__)
 
-ORIGINAL = "original"
-WHITEBOX = "whitebox"
-#: Per-image worst case over the threat models evaluated (robust only if it survives all).
-WORST = "worst"
-THREATS = ("transfer", "adaptive")
-DEFAULT_TRANSFORMS = (ORIGINAL, "group", "ginv", "random", "shuffle", "perm_interp")
-#: FGSM radii of the paper's Figure 11 (pixel units in [0, 1]).
-PAPER_FGSM_EPS = (0.0, 0.003, 0.006, 0.009, 0.012)
-#: Radius of the sanity probe at which an adaptive PGD should leave about 0 accuracy.
-LARGE_EPS = 64 / 255
-#: Accuracy above which the large-eps probe warns.
-LARGE_EPS_MAX_ACCURACY = 0.05
-#: PGD steps of the large-eps probe.
-LARGE_EPS_STEPS = 10
 _AGGREGATES = ("vote", "mean", "logit_mean")
-_Z95 = 1.959963984540054
-
-
-# --------------------------------------------------------------------------------------------
-# Small value objects
-# --------------------------------------------------------------------------------------------
-
-
-def parse_eps(value: str | float | int) -> float:
-    """One radius from a number or a fraction string such as ``"8/255"``; must lie in [0, 1].
-
-    Raises:
-        ValueError: not a number or fraction, or outside [0, 1].
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        eps = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                eps = float(num) / float(den)
-            else:
-                eps = float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"eps {value!r} is not a number or a fraction like '8/255'") from None
-    if not (math.isfinite(eps) and 0.0 <= eps <= 1.0):
-        raise ValueError(
-            f"eps {value!r} = {eps:g} is outside [0, 1]; eps is in pixel units of images in "
-            "[0, 1] (write 8/255 for 8 intensity levels)"
-        )
-    return eps
-
-
-def format_eps(eps: float) -> str:
-    """A radius as people write it: ``8/255`` for a whole number of levels, else ``0.003``."""
-    if eps == 0:
-        return "0"
-    levels = eps * 255
-    if abs(levels - round(levels)) < 1e-6 and round(levels) >= 1:
-        return f"{round(levels)}/255"
-    return f"{eps:.4g}"
-
-
-@dataclass(frozen=True)
-class Strength:
-    """One point of the attack grid: attack name, L∞ radius, steps and step size."""
-
-    attack: str
-    eps: float
-    steps: int | None
-    alpha: float | None = None
-
-    @property
-    def clean(self) -> bool:
-        """No perturbation at all: eps = 0 or zero steps."""
-        return self.eps == 0.0 or self.steps == 0
-
-    @property
-    def key(self) -> str:
-        """Stable text key; seeds derive from it, so a strength is attacked alike in any grid."""
-        return f"{self.attack}|{self.eps!r}|{self.steps}|{self.alpha!r}"
-
-
-@dataclass
-class Target:
-    """A model under evaluation: the base model or one symmetry ensemble."""
-
-    transform: str
-    module: nn.Module
-    num_members: int | None = None
-    ensemble_eps: float | None = None
-
-    @property
-    def is_base(self) -> bool:
-        return self.transform == ORIGINAL
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the module draws fresh members on every forward (then attacks use EOT)."""
-        return bool(getattr(self.module, "is_stochastic", False))
-
-    @property
-    def key(self) -> str:
-        if self.is_base:
-            return ORIGINAL
-        return f"{self.transform}|G={self.num_members}|eps={self.ensemble_eps!r}"
-
-
-@dataclass
-class Record:
-    """One measured accuracy: a target under a threat model at one attack strength.
-
-    ``accuracy = correct / n`` with its 95% Wilson interval ``[ci_low, ci_high]``.
-    ``num_members`` and ``ensemble_eps`` are ``None`` for the base model.
-    """
-
-    transform: str
-    threat: str
-    attack: str
-    eps: float
-    steps: int | None
-    accuracy: float
-    ci_low: float
-    ci_high: float
-    n: int
-    correct: int
-    num_members: int | None = None
-    ensemble_eps: float | None = None
-    alpha: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default).
-
-    Returns ``(0, 1)`` when ``n`` is 0.
-    """
-    if n <= 0:
-        return 0.0, 1.0
-    p = correct / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    lo = 0.0 if correct <= 0 else max(0.0, center - half)
-    hi = 1.0 if correct >= n else min(1.0, center + half)
-    return lo, hi
-
-
-# --------------------------------------------------------------------------------------------
-# Threat models
-# --------------------------------------------------------------------------------------------
-
-
-class DifferentiableView(nn.Module):
-    """An ensemble seen through a differentiable aggregate, for gradient-based attacks.
-
-    Majority vote has no useful gradient, so adaptive attacks differentiate the ensemble's
-    ``mean`` aggregate (log of the mean member softmax) instead; the accuracy is still
-    counted with the user's aggregate.
-
-    Shape:
-        images (B, 3, H, W) in [0, 1] → (B, C).
-    """
-
-    def __init__(self, ensemble: nn.Module, aggregate: str = "mean") -> None:
-        super().__init__()
-        self.ensemble = ensemble
-        self.aggregate = aggregate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saved = self.ensemble.aggregate
-        self.ensemble.aggregate = self.aggregate
-        try:
-            return self.ensemble(x)
-        finally:
-            self.ensemble.aggregate = saved
-
-
-class ThreatModel:
-    """Base class: which model's gradients craft the adversarial examples for a target."""
-
-    name: ClassVar[str] = ""
-
-    def source(self, base: Target, target: Target, attack_aggregate: str = "mean"
-               ) -> tuple[str, nn.Module, bool]:
-        """The attacked model for ``target``.
-
-        Returns:
-            (key, module, stochastic): a key shared by every target attacked through the same
-            model (so examples are crafted once), the module to differentiate, and whether it
-            is stochastic (the attack then uses EOT).
-        """
-        raise NotImplementedError
-
-
-class Transfer(ThreatModel):
-    """Examples crafted on the base model, shared by every transform (the paper's protocol)."""
-
-    name: ClassVar[str] = "transfer"
-
-    def source(self, base, target, attack_aggregate="mean"):
-        return base.key, base.module, base.stochastic
-
-
-class Adaptive(ThreatModel):
-    """White-box attack on each ensemble's own differentiable output (EOT if stochastic)."""
-
-    name: ClassVar[str] = "adaptive"
-
-    def source(self, base, target, attack_aggregate="mean"):
-        if target.is_base:
-            return base.key, base.module, base.stochastic
-        return target.key, DifferentiableView(target.module, attack_aggregate), target.stochastic
-
-
-_THREAT_MODELS: dict[str, ThreatModel] = {t.name: t for t in (Transfer(), Adaptive())}
-
-
-def list_threats() -> list[str]:
-    """Names accepted by :func:`get_threat` (and ``--threat``)."""
-    return list(_THREAT_MODELS)
-
-
-def get_threat(name: str) -> ThreatModel:
-    """The threat model called ``name``.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    key = str(name).strip().lower()
-    if key not in _THREAT_MODELS:
-        raise ValueError(f"unknown threat model {name!r}; expected one of {list_threats()}")
-    return _THREAT_MODELS[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,203 +142,6 @@ def _derive_seed(seed: int, *parts: Any) -> int:
     """A 63-bit seed from ``seed`` and text parts; independent of grid size and world size."""
     crc = zlib.crc32("|".join(str(p) for p in parts).encode())
     return (int(seed) * 0x9E3779B97F4A7C15 + crc) % (2**63 - 1)
-
-
-# --------------------------------------------------------------------------------------------
-# Result
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvaluationResult:
-    """Everything one evaluation produced.
-
-    Attributes:
-        settings: resolved settings, versions, git revision, timings.
-        records: measured accuracies, one per (target, threat, strength).
-        warnings: sanity-check findings (empty when all checks pass).
-        probes: extra measurements the sanity checks ran (large-eps PGD, single-step
-            references); not part of the requested grid.
-    """
-
-    settings: dict[str, Any]
-    records: list[Record]
-    warnings: list[str] = field(default_factory=list)
-    probes: list[Record] = field(default_factory=list)
-
-    def select(self, **filters: Any) -> list[Record]:
-        """Records whose fields equal every given value, e.g. ``select(transform="group")``."""
-        return [r for r in self.records if all(getattr(r, k) == v for k, v in filters.items())]
-
-    def accuracy(self, transform: str, threat: str | None = None, **filters: Any) -> float:
-        """The one accuracy matching ``transform``, ``threat`` and ``filters``.
-
-        ``threat`` defaults to ``whitebox`` for the base model and ``transfer`` otherwise.
-
-        Raises:
-            KeyError: no record or more than one matches.
-        """
-        if threat is None:
-            threat = WHITEBOX if transform == ORIGINAL else "transfer"
-        if transform == ORIGINAL:
-            threat = WHITEBOX
-        found = self.select(transform=transform, threat=threat, **filters)
-        if len(found) != 1:
-            raise KeyError(
-                f"{len(found)} records match transform={transform!r} threat={threat!r} {filters}; "
-                "narrow the filters (eps=, steps=, attack=, num_members=, ensemble_eps=)"
-            )
-        return found[0].accuracy
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": self.settings,
-            "records": [r.to_dict() for r in self.records],
-            "warnings": list(self.warnings),
-            "probes": [r.to_dict() for r in self.probes],
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Sanity checks
-# --------------------------------------------------------------------------------------------
-
-
-def _significantly_greater(hi: Record, lo: Record, z: float, tol: float) -> bool:
-    """Whether ``hi.accuracy`` exceeds ``lo.accuracy`` by more than ``tol`` and ``z`` std errors."""
-    diff = hi.accuracy - lo.accuracy
-    if diff <= tol:
-        return False
-    pooled = (hi.correct + lo.correct) / max(hi.n + lo.n, 1)
-    se = math.sqrt(max(pooled * (1 - pooled), 0.0) * (1 / max(hi.n, 1) + 1 / max(lo.n, 1)))
-    return se == 0.0 or diff / se > z
-
-
-def _fmt(field: str, value: Any) -> str:
-    return format_eps(value) if field == "eps" else str(value)
-
-
-def _label(r: Record) -> str:
-    who = r.transform if r.num_members is None else (
-        f"{r.transform} (G={r.num_members}, ensemble eps={r.ensemble_eps:g})")
-    steps = "" if r.steps is None else f", steps={r.steps}"
-    return f"{who} / {r.threat} / {r.attack}{steps}"
-
-
-def sanity_checks(
-    records: Sequence[Record],
-    probes: Sequence[Record] = (),
-    *,
-    z: float = 3.0,
-    tol: float = 0.01,
-    large_eps_max_accuracy: float = LARGE_EPS_MAX_ACCURACY,
-    num_classes: int = 10,
-) -> list[str]:
-    """Signs of a broken or gradient-masked evaluation, as readable warnings.
-
-    Checks (each difference must exceed ``tol`` and ``z`` standard errors, so sampling noise
-    does not trigger them). Targets whose clean accuracy is at chance (1/num_classes, within
-    the same margin) are skipped: a (nearly) constant classifier keeps its class share under
-    any attack, so its rows say nothing about the attack.
-
-    1. ``[non-monotonic]`` accuracy rising with eps (at fixed steps) or with steps (at fixed eps).
-    2. ``[iterative-weaker]`` an iterative attack leaving more accuracy than single-step FGSM
-       at the same eps.
-    3. ``[gradient-masking]`` the adaptive attack leaving more accuracy than the transfer
-       attack at the same strength: the ensemble's own gradients are less useful than a
-       surrogate's.
-    4. ``[large-eps]`` adaptive PGD at eps = 64/255 leaving more than
-       ``large_eps_max_accuracy``: at that radius any real classifier is broken.
-
-    Args:
-        records: the requested measurements.
-        probes: extra measurements (large-eps PGD, FGSM references).
-        z: standard errors a difference must exceed.
-        tol: absolute accuracy difference a finding must exceed.
-        large_eps_max_accuracy: threshold of check 4.
-        num_classes: C; chance accuracy is 1/C.
-
-    Returns:
-        Warning strings (empty when all checks pass).
-    """
-    warnings: list[str] = []
-    # Targets at chance on clean images are (nearly) constant classifiers: any attack leaves
-    # them their class share, so their rows carry no signal about the attack. Skip them.
-    chance = 1.0 / max(num_classes, 1)
-    at_chance = set()
-    for r in list(records) + list(probes):
-        if r.eps == 0 or r.steps == 0:
-            se = math.sqrt(chance * (1 - chance) / max(r.n, 1))
-            if r.accuracy <= chance + max(tol, z * se):
-                at_chance.add((r.transform, r.num_members, r.ensemble_eps))
-    grid = [r for r in records if (r.transform, r.num_members, r.ensemble_eps) not in at_chance]
-    everything = grid + [r for r in probes
-                         if (r.transform, r.num_members, r.ensemble_eps) not in at_chance]
-
-    # 1. monotonic in eps (fixed steps) and in steps (fixed eps)
-    for vary, fixed in (("eps", "steps"), ("steps", "eps")):
-        series: dict[tuple, list[Record]] = defaultdict(list)
-        for r in grid:
-            if vary == "steps" and r.steps is None:
-                continue
-            key = (r.attack, r.transform, r.threat, r.num_members, r.ensemble_eps,
-                   getattr(r, fixed))
-            series[key].append(r)
-        for points in series.values():
-            points.sort(key=lambda r: getattr(r, vary))
-            lowest = points[0]
-            for r in points[1:]:
-                if _significantly_greater(r, lowest, z, tol):
-                    warnings.append(
-                        f"[non-monotonic] {_label(r)}: accuracy rises from {lowest.accuracy:.3f} "
-                        f"at {vary}={getattr(lowest, vary):g} to {r.accuracy:.3f} at "
-                        f"{vary}={getattr(r, vary):g}; a stronger attack should not help the "
-                        "model (gradient masking, or a too large/small step size)"
-                    )
-                    break
-                if r.accuracy < lowest.accuracy:
-                    lowest = r
-
-    # 2. iterative attack weaker than single-step FGSM at the same eps
-    fgsm = {(r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps): r
-            for r in everything if r.attack == "fgsm" and r.eps > 0}
-    for r in grid:
-        if r.attack == "fgsm" or r.eps == 0 or r.steps == 0:
-            continue
-        ref = fgsm.get((r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps))
-        if ref is not None and _significantly_greater(r, ref, z, tol):
-            warnings.append(
-                f"[iterative-weaker] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
-                f"accuracy but single-step FGSM leaves {ref.accuracy:.3f}; an iterative attack "
-                "should be at least as strong (too small a step size, too few steps, or "
-                "gradient masking)"
-            )
-
-    # 3. adaptive weaker than transfer at the same strength
-    transfer = {(r.attack, r.transform, r.num_members, r.ensemble_eps, r.eps, r.steps): r
-                for r in everything if r.threat == "transfer"}
-    for r in everything:
-        if r.threat != "adaptive" or r.eps == 0 or r.steps == 0:
-            continue
-        ref = transfer.get((r.attack, r.transform, r.num_members, r.ensemble_eps, r.eps, r.steps))
-        if ref is not None and _significantly_greater(r, ref, z, tol):
-            warnings.append(
-                f"[gradient-masking] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
-                f"accuracy, more than the transfer attack from the base model "
-                f"({ref.accuracy:.3f}); the ensemble's own gradients are less useful than a "
-                "surrogate's — do not trust the adaptive number as a robustness claim"
-            )
-
-    # 4. PGD at a large eps must break the model
-    for r in everything:
-        if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
-                and r.threat in ("adaptive", WHITEBOX) and r.accuracy > large_eps_max_accuracy):
-            warnings.append(
-                f"[large-eps] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
-                f"accuracy (expected about 0, at most {large_eps_max_accuracy:g}); the attack "
-                "does not work on this model — gradient masking or a broken pipeline"
-            )
-    return warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -1052,20 +620,6 @@ def evaluate(
     return EvaluationResult(settings=settings, records=records, warnings=warnings, probes=probes)
 
 
-def load_results(path: str | os.PathLike) -> EvaluationResult:
-    """Read a ``results.json`` written by :func:`symensemble.report.write_results`."""
-    import json
-
-    payload = json.loads(Path(path).read_text())
-    fields = Record.__dataclass_fields__
-    make = lambda d: Record(**{k: v for k, v in d.items() if k in fields})  # noqa: E731
-    return EvaluationResult(settings=payload.get("settings", {}),
-                            records=[make(r) for r in payload.get("records", [])],
-                            warnings=list(payload.get("warnings", [])),
-                            probes=[make(r) for r in payload.get("probes", [])])
-
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation recipes (paper reproductions)
 # --------------------------------------------------------------------------------------------
@@ -1143,20 +697,3 @@ def load_evaluation_recipe(path_or_name: str | os.PathLike) -> EvaluationRecipe:
         raise ValueError(f"{path}: [paper] must be a table")
     return EvaluationRecipe(title=str(payload.get("title", path.stem)), settings=settings,
                             paper=paper, path=path)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``symensemble.evaluate(...)`` call :func:`evaluate` in every import order.
-
-    ``symensemble.evaluate`` names both this module and its main function. Importing the
-    module (``from symensemble.evaluate import ...``, or any package module doing so) binds
-    the package attribute ``symensemble.evaluate`` to the module, hiding the lazily exported
-    function; calling the module forwards to the function, so ``se.evaluate(model, ...)``
-    works either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> EvaluationResult:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

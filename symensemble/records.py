@@ -1,0 +1,244 @@
+"""Value objects and constants of a robustness evaluation, and its result.
+
+Holds the names shared by the evaluation, the threat models, the sanity checks and the reports:
+the row labels (:data:`ORIGINAL`, :data:`WHITEBOX`, :data:`WORST`), the default grids,
+:func:`parse_eps` / :func:`format_eps`, the grid point :class:`Strength`, the evaluated
+:class:`Target`, one measured :class:`Record` with its :func:`wilson_interval`, and the
+:class:`EvaluationResult` that :func:`symensemble.evaluate` returns (:func:`load_results`
+reads one back). Importing it does not load torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "EvaluationResult",
+    "Record",
+    "Strength",
+    "Target",
+    "wilson_interval",
+    "load_results",
+    "parse_eps",
+    "format_eps",
+    "ORIGINAL",
+    "WHITEBOX",
+    "WORST",
+    "THREATS",
+    "DEFAULT_TRANSFORMS",
+    "PAPER_FGSM_EPS",
+]
+
+ORIGINAL = "original"
+WHITEBOX = "whitebox"
+#: Per-image worst case over the threat models evaluated (robust only if it survives all).
+WORST = "worst"
+THREATS = ("transfer", "adaptive")
+DEFAULT_TRANSFORMS = (ORIGINAL, "group", "ginv", "random", "shuffle", "perm_interp")
+#: FGSM radii of the paper's Figure 11 (pixel units in [0, 1]).
+PAPER_FGSM_EPS = (0.0, 0.003, 0.006, 0.009, 0.012)
+_Z95 = 1.959963984540054
+
+
+# --------------------------------------------------------------------------------------------
+# Small value objects
+# --------------------------------------------------------------------------------------------
+
+
+def parse_eps(value: str | float | int) -> float:
+    """One radius from a number or a fraction string such as ``"8/255"``; must lie in [0, 1].
+
+    Raises:
+        ValueError: not a number or fraction, or outside [0, 1].
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        eps = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                eps = float(num) / float(den)
+            else:
+                eps = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps {value!r} is not a number or a fraction like '8/255'") from None
+    if not (math.isfinite(eps) and 0.0 <= eps <= 1.0):
+        raise ValueError(
+            f"eps {value!r} = {eps:g} is outside [0, 1]; eps is in pixel units of images in "
+            "[0, 1] (write 8/255 for 8 intensity levels)"
+        )
+    return eps
+
+
+def format_eps(eps: float) -> str:
+    """A radius as people write it: ``8/255`` for a whole number of levels, else ``0.003``."""
+    if eps == 0:
+        return "0"
+    levels = eps * 255
+    if abs(levels - round(levels)) < 1e-6 and round(levels) >= 1:
+        return f"{round(levels)}/255"
+    return f"{eps:.4g}"
+
+
+@dataclass(frozen=True)
+class Strength:
+    """One point of the attack grid: attack name, L∞ radius, steps and step size."""
+
+    attack: str
+    eps: float
+    steps: int | None
+    alpha: float | None = None
+
+    @property
+    def clean(self) -> bool:
+        """No perturbation at all: eps = 0 or zero steps."""
+        return self.eps == 0.0 or self.steps == 0
+
+    @property
+    def key(self) -> str:
+        """Stable text key; seeds derive from it, so a strength is attacked alike in any grid."""
+        return f"{self.attack}|{self.eps!r}|{self.steps}|{self.alpha!r}"
+
+
+@dataclass
+class Target:
+    """A model under evaluation: the base model or one symmetry ensemble."""
+
+    transform: str
+    module: nn.Module
+    num_members: int | None = None
+    ensemble_eps: float | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.transform == ORIGINAL
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the module draws fresh members on every forward (then attacks use EOT)."""
+        return bool(getattr(self.module, "is_stochastic", False))
+
+    @property
+    def key(self) -> str:
+        if self.is_base:
+            return ORIGINAL
+        return f"{self.transform}|G={self.num_members}|eps={self.ensemble_eps!r}"
+
+
+@dataclass
+class Record:
+    """One measured accuracy: a target under a threat model at one attack strength.
+
+    ``accuracy = correct / n`` with its 95% Wilson interval ``[ci_low, ci_high]``.
+    ``num_members`` and ``ensemble_eps`` are ``None`` for the base model.
+    """
+
+    transform: str
+    threat: str
+    attack: str
+    eps: float
+    steps: int | None
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    correct: int
+    num_members: int | None = None
+    ensemble_eps: float | None = None
+    alpha: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default).
+
+    Returns ``(0, 1)`` when ``n`` is 0.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    lo = 0.0 if correct <= 0 else max(0.0, center - half)
+    hi = 1.0 if correct >= n else min(1.0, center + half)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationResult:
+    """Everything one evaluation produced.
+
+    Attributes:
+        settings: resolved settings, versions, git revision, timings.
+        records: measured accuracies, one per (target, threat, strength).
+        warnings: sanity-check findings (empty when all checks pass).
+        probes: extra measurements the sanity checks ran (large-eps PGD, single-step
+            references); not part of the requested grid.
+    """
+
+    settings: dict[str, Any]
+    records: list[Record]
+    warnings: list[str] = field(default_factory=list)
+    probes: list[Record] = field(default_factory=list)
+
+    def select(self, **filters: Any) -> list[Record]:
+        """Records whose fields equal every given value, e.g. ``select(transform="group")``."""
+        return [r for r in self.records if all(getattr(r, k) == v for k, v in filters.items())]
+
+    def accuracy(self, transform: str, threat: str | None = None, **filters: Any) -> float:
+        """The one accuracy matching ``transform``, ``threat`` and ``filters``.
+
+        ``threat`` defaults to ``whitebox`` for the base model and ``transfer`` otherwise.
+
+        Raises:
+            KeyError: no record or more than one matches.
+        """
+        if threat is None:
+            threat = WHITEBOX if transform == ORIGINAL else "transfer"
+        if transform == ORIGINAL:
+            threat = WHITEBOX
+        found = self.select(transform=transform, threat=threat, **filters)
+        if len(found) != 1:
+            raise KeyError(
+                f"{len(found)} records match transform={transform!r} threat={threat!r} {filters}; "
+                "narrow the filters (eps=, steps=, attack=, num_members=, ensemble_eps=)"
+            )
+        return found[0].accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "records": [r.to_dict() for r in self.records],
+            "warnings": list(self.warnings),
+            "probes": [r.to_dict() for r in self.probes],
+        }
+
+
+def load_results(path: str | os.PathLike) -> EvaluationResult:
+    """Read a ``results.json`` written by :func:`symensemble.report.write_results`."""
+    import json
+
+    payload = json.loads(Path(path).read_text())
+    fields = Record.__dataclass_fields__
+    make = lambda d: Record(**{k: v for k, v in d.items() if k in fields})  # noqa: E731
+    return EvaluationResult(settings=payload.get("settings", {}),
+                            records=[make(r) for r in payload.get("records", [])],
+                            warnings=list(payload.get("warnings", [])),
+                            probes=[make(r) for r in payload.get("probes", [])])

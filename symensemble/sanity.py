@@ -1,0 +1,161 @@
+"""Sanity checks of an evaluation: signs of a broken or gradient-masked attack.
+
+:func:`sanity_checks` reads the measured records (and the extra probes the evaluation ran)
+and returns readable warnings. The ``LARGE_EPS*`` constants define the large-radius PGD probe
+that :func:`symensemble.evaluate` runs for check 4.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from .records import WHITEBOX, Record, format_eps
+
+__all__ = ["sanity_checks", "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "LARGE_EPS_STEPS"]
+
+#: Radius of the sanity probe at which an adaptive PGD should leave about 0 accuracy.
+LARGE_EPS = 64 / 255
+#: Accuracy above which the large-eps probe warns.
+LARGE_EPS_MAX_ACCURACY = 0.05
+#: PGD steps of the large-eps probe.
+LARGE_EPS_STEPS = 10
+
+
+def _significantly_greater(hi: Record, lo: Record, z: float, tol: float) -> bool:
+    """Whether ``hi.accuracy`` exceeds ``lo.accuracy`` by more than ``tol`` and ``z`` std errors."""
+    diff = hi.accuracy - lo.accuracy
+    if diff <= tol:
+        return False
+    pooled = (hi.correct + lo.correct) / max(hi.n + lo.n, 1)
+    se = math.sqrt(max(pooled * (1 - pooled), 0.0) * (1 / max(hi.n, 1) + 1 / max(lo.n, 1)))
+    return se == 0.0 or diff / se > z
+
+
+def _fmt(field: str, value: Any) -> str:
+    return format_eps(value) if field == "eps" else str(value)
+
+
+def _label(r: Record) -> str:
+    who = r.transform if r.num_members is None else (
+        f"{r.transform} (G={r.num_members}, ensemble eps={r.ensemble_eps:g})")
+    steps = "" if r.steps is None else f", steps={r.steps}"
+    return f"{who} / {r.threat} / {r.attack}{steps}"
+
+
+def sanity_checks(
+    records: Sequence[Record],
+    probes: Sequence[Record] = (),
+    *,
+    z: float = 3.0,
+    tol: float = 0.01,
+    large_eps_max_accuracy: float = LARGE_EPS_MAX_ACCURACY,
+    num_classes: int = 10,
+) -> list[str]:
+    """Signs of a broken or gradient-masked evaluation, as readable warnings.
+
+    Checks (each difference must exceed ``tol`` and ``z`` standard errors, so sampling noise
+    does not trigger them). Targets whose clean accuracy is at chance (1/num_classes, within
+    the same margin) are skipped: a (nearly) constant classifier keeps its class share under
+    any attack, so its rows say nothing about the attack.
+
+    1. ``[non-monotonic]`` accuracy rising with eps (at fixed steps) or with steps (at fixed eps).
+    2. ``[iterative-weaker]`` an iterative attack leaving more accuracy than single-step FGSM
+       at the same eps.
+    3. ``[gradient-masking]`` the adaptive attack leaving more accuracy than the transfer
+       attack at the same strength: the ensemble's own gradients are less useful than a
+       surrogate's.
+    4. ``[large-eps]`` adaptive PGD at eps = 64/255 leaving more than
+       ``large_eps_max_accuracy``: at that radius any real classifier is broken.
+
+    Args:
+        records: the requested measurements.
+        probes: extra measurements (large-eps PGD, FGSM references).
+        z: standard errors a difference must exceed.
+        tol: absolute accuracy difference a finding must exceed.
+        large_eps_max_accuracy: threshold of check 4.
+        num_classes: C; chance accuracy is 1/C.
+
+    Returns:
+        Warning strings (empty when all checks pass).
+    """
+    warnings: list[str] = []
+    # Targets at chance on clean images are (nearly) constant classifiers: any attack leaves
+    # them their class share, so their rows carry no signal about the attack. Skip them.
+    chance = 1.0 / max(num_classes, 1)
+    at_chance = set()
+    for r in list(records) + list(probes):
+        if r.eps == 0 or r.steps == 0:
+            se = math.sqrt(chance * (1 - chance) / max(r.n, 1))
+            if r.accuracy <= chance + max(tol, z * se):
+                at_chance.add((r.transform, r.num_members, r.ensemble_eps))
+    grid = [r for r in records if (r.transform, r.num_members, r.ensemble_eps) not in at_chance]
+    everything = grid + [r for r in probes
+                         if (r.transform, r.num_members, r.ensemble_eps) not in at_chance]
+
+    # 1. monotonic in eps (fixed steps) and in steps (fixed eps)
+    for vary, fixed in (("eps", "steps"), ("steps", "eps")):
+        series: dict[tuple, list[Record]] = defaultdict(list)
+        for r in grid:
+            if vary == "steps" and r.steps is None:
+                continue
+            key = (r.attack, r.transform, r.threat, r.num_members, r.ensemble_eps,
+                   getattr(r, fixed))
+            series[key].append(r)
+        for points in series.values():
+            points.sort(key=lambda r: getattr(r, vary))
+            lowest = points[0]
+            for r in points[1:]:
+                if _significantly_greater(r, lowest, z, tol):
+                    warnings.append(
+                        f"[non-monotonic] {_label(r)}: accuracy rises from {lowest.accuracy:.3f} "
+                        f"at {vary}={getattr(lowest, vary):g} to {r.accuracy:.3f} at "
+                        f"{vary}={getattr(r, vary):g}; a stronger attack should not help the "
+                        "model (gradient masking, or a too large/small step size)"
+                    )
+                    break
+                if r.accuracy < lowest.accuracy:
+                    lowest = r
+
+    # 2. iterative attack weaker than single-step FGSM at the same eps
+    fgsm = {(r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps): r
+            for r in everything if r.attack == "fgsm" and r.eps > 0}
+    for r in grid:
+        if r.attack == "fgsm" or r.eps == 0 or r.steps == 0:
+            continue
+        ref = fgsm.get((r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps))
+        if ref is not None and _significantly_greater(r, ref, z, tol):
+            warnings.append(
+                f"[iterative-weaker] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
+                f"accuracy but single-step FGSM leaves {ref.accuracy:.3f}; an iterative attack "
+                "should be at least as strong (too small a step size, too few steps, or "
+                "gradient masking)"
+            )
+
+    # 3. adaptive weaker than transfer at the same strength
+    transfer = {(r.attack, r.transform, r.num_members, r.ensemble_eps, r.eps, r.steps): r
+                for r in everything if r.threat == "transfer"}
+    for r in everything:
+        if r.threat != "adaptive" or r.eps == 0 or r.steps == 0:
+            continue
+        ref = transfer.get((r.attack, r.transform, r.num_members, r.ensemble_eps, r.eps, r.steps))
+        if ref is not None and _significantly_greater(r, ref, z, tol):
+            warnings.append(
+                f"[gradient-masking] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
+                f"accuracy, more than the transfer attack from the base model "
+                f"({ref.accuracy:.3f}); the ensemble's own gradients are less useful than a "
+                "surrogate's — do not trust the adaptive number as a robustness claim"
+            )
+
+    # 4. PGD at a large eps must break the model
+    for r in everything:
+        if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
+                and r.threat in ("adaptive", WHITEBOX) and r.accuracy > large_eps_max_accuracy):
+            warnings.append(
+                f"[large-eps] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
+                f"accuracy (expected about 0, at most {large_eps_max_accuracy:g}); the attack "
+                "does not work on this model — gradient masking or a broken pipeline"
+            )
+    return warnings
