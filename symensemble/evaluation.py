@@ -357,7 +357,11 @@ def evaluate(
     For every attack strength (eps × steps) the base model is attacked white-box; each
     ensemble is scored on those same examples (``transfer``) and attacked itself
     (``adaptive``). Under ``torchrun`` the batches are sharded across ranks and the counts
-    summed; the result equals the single-process one.
+    summed; the records equal the single-process ones.
+
+    The caller's state is left as it was: a model passed as a module gets its train/eval mode
+    back, and torch's global random state (CPU and the evaluation's CUDA device) is restored
+    after the run, although the run reseeds it per batch.
 
     Args:
         model: a model (images in [0, 1] → logits; moved to ``device``, put in eval mode
@@ -393,7 +397,9 @@ def evaluate(
             differentiable, else ``mean``. Accuracy is still counted with ``aggregate``.
 
     Returns:
-        An :class:`EvaluationResult` (identical on every rank).
+        An :class:`EvaluationResult`. Its records, probes and warnings are identical on every
+        rank; the timings in its settings (``elapsed_s``, ``grid_seconds``) are each rank's
+        own (rank 0's are the ones written by the CLI).
 
     Raises:
         ValueError: a bad argument (the message names it and what was expected).
@@ -458,166 +464,172 @@ def evaluate(
     # ---- processes, model, data
     dist_info: DistInfo = init_distributed(device)
     dev = rank_device(device, dist_info)
-    torch.manual_seed(_derive_seed(seed, "setup"))
-    base_module, model_info = _load_model(model, dev)
-    dataset = _load_data(data)
-    test_labels = dataset.test.labels
-    subset = stratified_subset(test_labels, n, seed)
-    x_all, y_all = _split_tensors(dataset.test, subset)
-    head = getattr(base_module, "head", None)
-    num_classes = int(getattr(head, "num_classes", 0) or len(getattr(dataset, "classes", ())) or
-                      int(test_labels.max()) + 1)
-
-    # ---- targets: the base model, then one ensemble per (transform, G, ε)
-    base = Target(ORIGINAL, base_module)
-    ensemble_transforms = [t for t in transform_names if t != ORIGINAL]
-    spm = samples_per_member or int(getattr(head, "hidden_features", 0) or 0) or None
-    calibration_info: dict[str, Any] = {"split": "train", "count": 0}
-    targets = [base]
-    if ensemble_transforms:
-        if spm is None:
-            raise ValueError("samples_per_member is needed: the model has no head.hidden_features")
-        need = max(members_list) * spm
-        n_train = len(dataset.train.labels)
-        if need > n_train:
-            raise ValueError(f"the ensembles need {need} calibration images (num_members × "
-                             f"samples_per_member) but the training split has {n_train}")
-        gen = torch.Generator().manual_seed(_derive_seed(seed, "calibration") % (2**63))
-        cal_index = torch.randperm(n_train, generator=gen)[:need]
-        calibration, _ = _split_tensors(dataset.train, cal_index)
-        calibration = calibration.to(dev)
-        calibration_info = {"split": "train", "count": need, "samples_per_member": spm}
-        factory = ensemble_factory or _default_ensemble_factory
-        for transform in ensemble_transforms:
-            for g in members_list:
-                for e in ens_eps_list:
-                    module = factory(base_module, calibration[: g * spm], transform=transform,
-                                     num_members=g, eps=e, samples_per_member=spm, seed=seed,
-                                     aggregate=aggregate, resample_on_forward=resample_members)
-                    if isinstance(module, nn.Module):
-                        module.to(dev).eval()
-                    targets.append(Target(transform, module, g, e))
-
-    # ---- slots: which (threat, target) pairs each strength measures
-    def record_slots() -> list[tuple[str, Target]]:
-        slots = [(WHITEBOX, base)]
-        for t in targets[1:]:
-            slots += [(th, t) for th in threats]
-            if len(threats) > 1:
-                slots.append((WORST, t))
-        return slots
-
-    units: list[tuple[str, Strength, list[tuple[str, Target]]]] = [
-        ("record", s, record_slots()) for s in strengths]
-    attacked = [s for s in strengths if not s.clean]
-    probe_notes: list[str] = []
-    if sanity and attacked:
-        large = Strength("pgd", LARGE_EPS, LARGE_EPS_STEPS,
-                         get_attack("pgd").resolve_alpha(LARGE_EPS, LARGE_EPS_STEPS, None))
-        slots = [(WHITEBOX, base)]
-        if "adaptive" in threats:
-            slots += [("adaptive", t) for t in targets[1:]]
-        if large not in strengths:
-            units.append(("probe", large, slots))
-            probe_notes.append(f"adaptive PGD-{LARGE_EPS_STEPS} at eps=64/255")
-        if len(attacked) == len(strengths):  # no clean point: the checks need clean accuracy
-            clean_probe = Strength(attacks[0], 0.0, get_attack(attacks[0]).resolve_steps(None))
-            units.append(("probe", clean_probe, record_slots()))
-            probe_notes.append("clean accuracy")
-        if "fgsm" not in attacks:
-            ref_eps = sorted({s.eps for s in attacked if s.attack != "fgsm"})
-            for e in ref_eps:
-                units.append(("probe", Strength("fgsm", e, 1, None), record_slots()))
-            if ref_eps:
-                probe_notes.append("single-step FGSM references at the grid's eps")
-
-    # ---- run (sharded over ranks), then sum the counts
-    batches = [(i, slice(start, min(start + batch_size, n)))
-               for i, start in enumerate(range(0, n, batch_size))]
-    my_batches = shard(batches, dist_info)
-    runner = _Runner(base=base, targets=targets, threats=threats, seed=seed, eot_iter=eot_iter,
-                     num_classes=num_classes, attack_aggregate=attack_aggregate)
-    offsets, total_slots = [], 0
-    for _, _, slots in units:
-        offsets.append(total_slots)
-        total_slots += len(slots)
-    counts = torch.zeros(total_slots, dtype=torch.int64)
-    unit_seconds = [0.0] * len(units)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(units) * len(my_batches), desc="attack grid", unit="batch",
-               disable=not (progress and dist_info.is_main), dynamic_ncols=True)
-    was_training = base_module.training
-    base_module.eval()
+    # The caller's model and random state are left as they were: the run puts the model in
+    # eval mode and reseeds torch per batch (torchattacks' APGD and AutoAttack reseed it too).
+    was_training = model.training if isinstance(model, nn.Module) else None
     try:
-        for u, (_role, strength, slots) in enumerate(units):
-            bar.set_postfix_str(f"{strength.attack} eps={strength.eps:.4g} steps={strength.steps}")
-            tick = time.perf_counter()
-            for batch_index, rows in my_batches:
-                x = x_all[rows].to(dev)
-                y = y_all[rows].to(dev)
-                got = runner.run_batch(strength, slots, x, y, batch_index)
-                counts[offsets[u]: offsets[u] + len(slots)] += torch.tensor(got, dtype=torch.int64)
-                bar.update(1)
-            unit_seconds[u] = time.perf_counter() - tick
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(_derive_seed(seed, "setup"))
+            base_module, model_info = _load_model(model, dev)
+            dataset = _load_data(data)
+            test_labels = dataset.test.labels
+            subset = stratified_subset(test_labels, n, seed)
+            x_all, y_all = _split_tensors(dataset.test, subset)
+            head = getattr(base_module, "head", None)
+            num_classes = int(getattr(head, "num_classes", 0) or len(getattr(dataset, "classes", ())) or
+                              int(test_labels.max()) + 1)
+
+            # ---- targets: the base model, then one ensemble per (transform, G, ε)
+            base = Target(ORIGINAL, base_module)
+            ensemble_transforms = [t for t in transform_names if t != ORIGINAL]
+            spm = samples_per_member or int(getattr(head, "hidden_features", 0) or 0) or None
+            calibration_info: dict[str, Any] = {"split": "train", "count": 0}
+            targets = [base]
+            if ensemble_transforms:
+                if spm is None:
+                    raise ValueError("samples_per_member is needed: the model has no head.hidden_features")
+                need = max(members_list) * spm
+                n_train = len(dataset.train.labels)
+                if need > n_train:
+                    raise ValueError(f"the ensembles need {need} calibration images (num_members × "
+                                     f"samples_per_member) but the training split has {n_train}")
+                gen = torch.Generator().manual_seed(_derive_seed(seed, "calibration") % (2**63))
+                cal_index = torch.randperm(n_train, generator=gen)[:need]
+                calibration, _ = _split_tensors(dataset.train, cal_index)
+                calibration = calibration.to(dev)
+                calibration_info = {"split": "train", "count": need, "samples_per_member": spm}
+                factory = ensemble_factory or _default_ensemble_factory
+                for transform in ensemble_transforms:
+                    for g in members_list:
+                        for e in ens_eps_list:
+                            module = factory(base_module, calibration[: g * spm], transform=transform,
+                                             num_members=g, eps=e, samples_per_member=spm, seed=seed,
+                                             aggregate=aggregate, resample_on_forward=resample_members)
+                            if isinstance(module, nn.Module):
+                                module.to(dev).eval()
+                            targets.append(Target(transform, module, g, e))
+
+            # ---- slots: which (threat, target) pairs each strength measures
+            def record_slots() -> list[tuple[str, Target]]:
+                slots = [(WHITEBOX, base)]
+                for t in targets[1:]:
+                    slots += [(th, t) for th in threats]
+                    if len(threats) > 1:
+                        slots.append((WORST, t))
+                return slots
+
+            units: list[tuple[str, Strength, list[tuple[str, Target]]]] = [
+                ("record", s, record_slots()) for s in strengths]
+            attacked = [s for s in strengths if not s.clean]
+            probe_notes: list[str] = []
+            if sanity and attacked:
+                large = Strength("pgd", LARGE_EPS, LARGE_EPS_STEPS,
+                                 get_attack("pgd").resolve_alpha(LARGE_EPS, LARGE_EPS_STEPS, None))
+                slots = [(WHITEBOX, base)]
+                if "adaptive" in threats:
+                    slots += [("adaptive", t) for t in targets[1:]]
+                if large not in strengths:
+                    units.append(("probe", large, slots))
+                    probe_notes.append(f"adaptive PGD-{LARGE_EPS_STEPS} at eps=64/255")
+                if len(attacked) == len(strengths):  # no clean point: the checks need clean accuracy
+                    clean_probe = Strength(attacks[0], 0.0, get_attack(attacks[0]).resolve_steps(None))
+                    units.append(("probe", clean_probe, record_slots()))
+                    probe_notes.append("clean accuracy")
+                if "fgsm" not in attacks:
+                    ref_eps = sorted({s.eps for s in attacked if s.attack != "fgsm"})
+                    for e in ref_eps:
+                        units.append(("probe", Strength("fgsm", e, 1, None), record_slots()))
+                    if ref_eps:
+                        probe_notes.append("single-step FGSM references at the grid's eps")
+
+            # ---- run (sharded over ranks), then sum the counts
+            batches = [(i, slice(start, min(start + batch_size, n)))
+                       for i, start in enumerate(range(0, n, batch_size))]
+            my_batches = shard(batches, dist_info)
+            runner = _Runner(base=base, targets=targets, threats=threats, seed=seed, eot_iter=eot_iter,
+                             num_classes=num_classes, attack_aggregate=attack_aggregate)
+            offsets, total_slots = [], 0
+            for _, _, slots in units:
+                offsets.append(total_slots)
+                total_slots += len(slots)
+            counts = torch.zeros(total_slots, dtype=torch.int64)
+            unit_seconds = [0.0] * len(units)
+
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(units) * len(my_batches), desc="attack grid", unit="batch",
+                       disable=not (progress and dist_info.is_main), dynamic_ncols=True)
+            base_module.eval()
+            try:
+                for u, (_role, strength, slots) in enumerate(units):
+                    bar.set_postfix_str(f"{strength.attack} eps={strength.eps:.4g} steps={strength.steps}")
+                    tick = time.perf_counter()
+                    for batch_index, rows in my_batches:
+                        x = x_all[rows].to(dev)
+                        y = y_all[rows].to(dev)
+                        got = runner.run_batch(strength, slots, x, y, batch_index)
+                        counts[offsets[u]: offsets[u] + len(slots)] += torch.tensor(got, dtype=torch.int64)
+                        bar.update(1)
+                    unit_seconds[u] = time.perf_counter() - tick
+            finally:
+                bar.close()
+            counts = all_reduce_sum(counts, dist_info, dev)
+
+            # ---- records, probes, warnings
+            records: list[Record] = []
+            probes: list[Record] = []
+            for u, (role, strength, slots) in enumerate(units):
+                for k, (threat_name, target) in enumerate(slots):
+                    correct = int(counts[offsets[u] + k])
+                    lo, hi = wilson_interval(correct, n)
+                    rec = Record(transform=target.transform, threat=threat_name, attack=strength.attack,
+                                 eps=strength.eps, steps=strength.steps, accuracy=correct / n,
+                                 ci_low=lo, ci_high=hi, n=n, correct=correct,
+                                 num_members=target.num_members, ensemble_eps=target.ensemble_eps,
+                                 alpha=strength.alpha)
+                    (records if role == "record" else probes).append(rec)
+            warnings = sanity_checks(records, probes, num_classes=num_classes)
+            for w in warnings:
+                log.warning("%s", w)
+
+            from .checkpoint import git_revision
+
+            settings: dict[str, Any] = {
+                **model_info,
+                "data_source": str(getattr(dataset, "source", "in-memory")),
+                "n": n,
+                "subset": {"split": "test", "stratified": True, "seed": seed,
+                           "class_counts": torch.bincount(y_all, minlength=num_classes).tolist()},
+                "calibration": calibration_info,
+                "attack": attacks,
+                "eps": eps_list,
+                "steps": steps_list or None,
+                "alpha": alpha_value,
+                "transforms": [ORIGINAL] + ensemble_transforms,
+                "num_members": members_list,
+                "ensemble_eps": ens_eps_list,
+                "aggregate": aggregate,
+                "attack_aggregate": attack_aggregate,
+                "threat": threats,
+                "seed": seed,
+                "device": str(device),
+                "batch_size": batch_size,
+                "eot_iter": eot_iter,
+                "resample_members": resample_members,
+                "stochastic_targets": [t.key for t in targets if t.stochastic],
+                "sanity_probes": probe_notes,
+                "world_size": dist_info.world_size,
+                "versions": _versions(),
+                "git_revision": git_revision(),
+                "started_at": started_at,
+                "elapsed_s": round(time.perf_counter() - started, 3),
+                "grid_seconds": {f"{role}:{s.key}": round(sec, 3)
+                                 for (role, s, _), sec in zip(units, unit_seconds, strict=True)},
+            }
+            return EvaluationResult(settings=settings, records=records, warnings=warnings, probes=probes)
     finally:
-        bar.close()
-        base_module.train(was_training)
-    counts = all_reduce_sum(counts, dist_info, dev)
-
-    # ---- records, probes, warnings
-    records: list[Record] = []
-    probes: list[Record] = []
-    for u, (role, strength, slots) in enumerate(units):
-        for k, (threat_name, target) in enumerate(slots):
-            correct = int(counts[offsets[u] + k])
-            lo, hi = wilson_interval(correct, n)
-            rec = Record(transform=target.transform, threat=threat_name, attack=strength.attack,
-                         eps=strength.eps, steps=strength.steps, accuracy=correct / n,
-                         ci_low=lo, ci_high=hi, n=n, correct=correct,
-                         num_members=target.num_members, ensemble_eps=target.ensemble_eps,
-                         alpha=strength.alpha)
-            (records if role == "record" else probes).append(rec)
-    warnings = sanity_checks(records, probes, num_classes=num_classes)
-    for w in warnings:
-        log.warning("%s", w)
-
-    from .checkpoint import git_revision
-
-    settings: dict[str, Any] = {
-        **model_info,
-        "data_source": str(getattr(dataset, "source", "in-memory")),
-        "n": n,
-        "subset": {"split": "test", "stratified": True, "seed": seed,
-                   "class_counts": torch.bincount(y_all, minlength=num_classes).tolist()},
-        "calibration": calibration_info,
-        "attack": attacks,
-        "eps": eps_list,
-        "steps": steps_list or None,
-        "alpha": alpha_value,
-        "transforms": [ORIGINAL] + ensemble_transforms,
-        "num_members": members_list,
-        "ensemble_eps": ens_eps_list,
-        "aggregate": aggregate,
-        "attack_aggregate": attack_aggregate,
-        "threat": threats,
-        "seed": seed,
-        "device": str(device),
-        "batch_size": batch_size,
-        "eot_iter": eot_iter,
-        "resample_members": resample_members,
-        "stochastic_targets": [t.key for t in targets if t.stochastic],
-        "sanity_probes": probe_notes,
-        "world_size": dist_info.world_size,
-        "versions": _versions(),
-        "git_revision": git_revision(),
-        "started_at": started_at,
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "grid_seconds": {f"{role}:{s.key}": round(sec, 3)
-                         for (role, s, _), sec in zip(units, unit_seconds, strict=True)},
-    }
-    return EvaluationResult(settings=settings, records=records, warnings=warnings, probes=probes)
+        if was_training is not None:
+            model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------

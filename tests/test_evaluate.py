@@ -258,6 +258,33 @@ def test_results_are_reproducible_and_seeded(world):
     assert a.settings["subset"]["class_counts"] == [2] * 10
 
 
+def test_evaluate_restores_the_train_mode_and_the_global_rng(world):
+    model, data = world
+    try:
+        model.train()
+        torch.manual_seed(1234)
+        before = torch.get_rng_state()
+        # apgd reseeds torch itself; the ensemble and the attacks reseed per batch
+        evaluate(model, data, **small(attack="apgd", eps=[0.03], steps=[2], n=10,
+                                      transforms=[ORIGINAL, "group"]))
+        assert model.training, "evaluate() must give the model its train mode back"
+        assert torch.equal(torch.get_rng_state(), before), "evaluate() changed the global RNG"
+
+        def broken_factory(*args, **kw):
+            raise RuntimeError("factory failed")
+
+        with pytest.raises(RuntimeError, match="factory failed"):
+            evaluate(model, data, **small(transforms=[ORIGINAL, "group"], n=10),
+                     ensemble_factory=broken_factory)
+        assert model.training, "train mode must come back when the run fails too"
+        assert torch.equal(torch.get_rng_state(), before)
+        model.eval()
+        evaluate(model, data, **small(eps=[0.03], n=10, transforms=[ORIGINAL]))
+        assert not model.training
+    finally:
+        model.eval()
+
+
 def test_calibration_comes_from_the_training_split(world):
     model, data = world
     seen = {}
