@@ -180,12 +180,19 @@ def test_bad_options_are_usage_errors(tmp_path):
 
 def test_teleport_without_data(tmp_path):
     ckpt = _checkpoint(tmp_path)
+    # an interrupted training run: optimizer metadata, not complete (train --resume would continue it)
+    save_checkpoint(
+        load_model(ckpt), ckpt, metrics={"test_accuracy": 0.1},
+        extra={"optimizer": {"kind": "adam"}, "complete": False, "note": "kept"},
+    )
     out = tmp_path / "t" / "moved.safetensors"
     res = run(["teleport", str(ckpt), "--target", "-2.5", "--no-eval", "--out", str(out)])
     assert "target-total: Q total" in res.output
     moved, info = load_model(out, with_info=True)
     assert abs(head_q_summary(moved)["total"] + 2.5) < 1e-4
     assert info["extra"]["teleport"]["mode"] == "target-total"
+    assert info["extra"]["complete"] is True and "optimizer" not in info["extra"]
+    assert info["extra"]["note"] == "kept"
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["target_abs_error"] < 1e-4 and out.with_suffix(".png").exists()
     x = torch.rand(3, 3, 32, 32)

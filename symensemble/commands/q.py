@@ -753,7 +753,14 @@ def teleport_cmd(
         epoch=info.get("epoch"),
         metrics=metrics,
         data_source=info.get("data_source"),
-        extra={**(info.get("extra") or {}), "teleport": summary},
+        # The source's optimizer tensors are not carried over (its moments belong to the old
+        # parameters anyway), so drop its optimizer metadata and mark the run as finished:
+        # `symensemble train --resume` must not continue from this file with fresh moments.
+        extra={
+            **{k: v for k, v in (info.get("extra") or {}).items() if k != "optimizer"},
+            "complete": True,
+            "teleport": summary,
+        },
     )
     settings = dict(
         checkpoint=checkpoint,
