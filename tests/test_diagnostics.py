@@ -300,6 +300,15 @@ def test_inspect_and_q_recorder():
     assert metrics["q"]["drift"] < 0 and len(metrics["q"]["per_unit"]) == 5
     assert len(rec.history) == 2
     json.dumps(metrics)
+    # a resumed run continues the drift from the original first total
+    first = rec.history[0][1]["total"]
+    resumed = QRecorder(baseline=first)
+    again: dict = {}
+    resumed(model, 2, again)
+    assert again["q"]["drift"] == pytest.approx(metrics["q"]["drift"]) and again["q"]["drift"] < 0
+    assert QRecorder()(model, 2, again) is None and again["q"]["drift"] == 0
+    with pytest.raises(ValueError, match="finite"):
+        QRecorder(baseline=float("nan"))
 
 
 def test_log_spaced_steps():
