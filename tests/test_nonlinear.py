@@ -441,3 +441,31 @@ def test_right_pinv_solve_matches_pinv(shape):
     torch.testing.assert_close(
         right_pinv_solve(B, A, ridge=0.0), B @ torch.linalg.pinv(A), atol=1e-10, rtol=1e-10
     )
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (6, 3), (3, 6)])
+def test_right_pinv_solve_rank_deficient_gives_the_minimum_norm_solution(shape):
+    A = randn(4, *shape, seed=140)
+    B = randn(4, 2, shape[1], seed=141)
+    A[1, :, 1] = A[1, :, 0]  # duplicated column
+    A[2] = 0.0  # zero matrix
+    A[3, :, 2] = 0.0  # zero column (e.g. a sample ReLU zeroes entirely)
+    X = right_pinv_solve(B, A)
+    assert torch.isfinite(X).all()
+    torch.testing.assert_close(X, B @ torch.linalg.pinv(A), atol=1e-10, rtol=1e-10)
+    # the well-posed entry keeps the exact solve
+    torch.testing.assert_close(X[0], right_pinv_solve(B[0], A[0]), atol=0, rtol=0)
+
+
+def test_pi_matrix_reports_rank_deficiency_but_stays_finite_without_a_limit():
+    h = 6
+    sigma = create_activation("leaky_relu")
+    H = randn(3, h, h, seed=150)
+    H[1, :, 3] = H[1, :, 2]  # duplicated sample → σ(gH) singular
+    g = random_g(3, h=h, seed=151)
+    U = randn(2, h, seed=152)
+    sol = pi_matrix(g, H, sigma, U=U, max_condition=math.inf)
+    assert torch.isfinite(sol.pi).all() and torch.isfinite(sol.upper).all()
+    assert sol.condition[1] > 1e15
+    A, B = sigma((g @ H).mT).mT, sigma(H.mT).mT
+    torch.testing.assert_close(sol.pi, B @ torch.linalg.pinv(A), atol=1e-9, rtol=1e-9)

@@ -571,9 +571,14 @@ def right_pinv_solve(B: Tensor, A: Tensor, *, ridge: float | None = None) -> Ten
     Square A is solved by LU with partial pivoting (the most accurate choice here: the
     residual X A − B stays near eps·cond(A)·|B| even for cond(A) ~ 1e14 in float64); a tall A
     (h × s, s < h) through A = QR, X = (B R⁻¹) Qᵀ; a wide A (s > h) through Aᵀ = QR,
-    X = B Q R⁻ᵀ. With ``ridge`` = λ ≥ 0 the Tikhonov-regularized pseudo-inverse
-    A⁺_λ = Q diag(s/(s² + λ s_max²)) Pᵀ is used (from the SVD A = P diag(s) Qᵀ; λ is relative to
-    the largest squared singular value), which is defined for rank-deficient A as well.
+    X = B Q R⁻ᵀ. Batch entries where that factorization breaks down — a zero, tiny
+    (|pivot| ≤ max(h, s)·eps·max|pivot|, the usual numerical-rank tolerance) or non-finite pivot,
+    or a non-finite result — are rank-deficient and are solved again as the minimum-norm
+    least-squares solution B A⁺ (SVD-based: LAPACK ``gelsd`` on the CPU, ``pinv`` elsewhere),
+    so the result is finite for finite inputs. With ``ridge`` = λ ≥ 0 the Tikhonov-regularized
+    pseudo-inverse A⁺_λ = Q diag(s/(s² + λ s_max²)) Pᵀ is used (from the SVD A = P diag(s) Qᵀ;
+    λ is relative to the largest squared singular value), which is defined for rank-deficient
+    A as well.
 
     Args:
         B: (..., m, s) right-hand sides.
@@ -599,15 +604,55 @@ def right_pinv_solve(B: Tensor, A: Tensor, *, ridge: float | None = None) -> Ten
         )
         return ((B @ Qh.transpose(-1, -2)) * inv.unsqueeze(-2)) @ P.transpose(-1, -2)
     if h == s:
-        X, _ = torch.linalg.solve_ex(A.transpose(-1, -2), B.transpose(-1, -2))
-        return X.transpose(-1, -2)
-    if s < h:
+        LU, pivots, info = torch.linalg.lu_factor_ex(A.transpose(-1, -2))
+        X = torch.linalg.lu_solve(LU, pivots, B.transpose(-1, -2)).transpose(-1, -2)
+        diag = LU.diagonal(dim1=-2, dim2=-1)
+        failed = info != 0
+    elif s < h:
         Q, R = torch.linalg.qr(A)  # A = Q R, Q (h, s), R (s, s)
         Y = torch.linalg.solve_triangular(R, B, upper=True, left=False)  # Y R = B
-        return Y @ Q.transpose(-1, -2)
-    Q, R = torch.linalg.qr(A.transpose(-1, -2))  # Aᵀ = Q R, Q (s, h), R (h, h)
-    Y = B @ Q  # X Rᵀ = B Q
-    return torch.linalg.solve_triangular(R.transpose(-1, -2), Y, upper=False, left=False)
+        X = Y @ Q.transpose(-1, -2)
+        diag = R.diagonal(dim1=-2, dim2=-1)
+        failed = torch.zeros(diag.shape[:-1], dtype=torch.bool, device=A.device)
+    else:
+        Q, R = torch.linalg.qr(A.transpose(-1, -2))  # Aᵀ = Q R, Q (s, h), R (h, h)
+        Y = B @ Q  # X Rᵀ = B Q
+        X = torch.linalg.solve_triangular(R.transpose(-1, -2), Y, upper=False, left=False)
+        diag = R.diagonal(dim1=-2, dim2=-1)
+        failed = torch.zeros(diag.shape[:-1], dtype=torch.bool, device=A.device)
+    return _min_norm_where_failed(X, B, A, diag, failed)
+
+
+def _min_norm_where_failed(X: Tensor, B: Tensor, A: Tensor, diag: Tensor, failed: Tensor
+                           ) -> Tensor:
+    """X with the batch entries whose factorization failed replaced by B A⁺ (minimum norm).
+
+    An entry failed when ``failed`` says so (LU ``info`` ≠ 0), its pivots ``diag`` hold a zero,
+    tiny or non-finite value, or its X is not finite. Entries whose A is not finite are left
+    as they are (there is no meaningful answer to fall back to).
+    """
+    h, s = A.shape[-2], A.shape[-1]
+    pivots = diag.abs()
+    finite_pivots = torch.isfinite(pivots).all(dim=-1)
+    tol = max(h, s) * torch.finfo(pivots.dtype).eps * pivots.amax(dim=-1)
+    tiny = (pivots <= tol.unsqueeze(-1)).any(dim=-1)
+    failed = failed | ~finite_pivots | tiny | ~torch.isfinite(X).all(dim=-1).all(dim=-1)
+    batch = X.shape[:-2]
+    A_b = A.expand(*batch, h, s)
+    failed = failed.expand(batch) & torch.isfinite(A_b).all(dim=-1).all(dim=-1)
+    if not bool(failed.any()):
+        return X
+    B_f = B.expand(*batch, *B.shape[-2:])[failed]
+    A_f = A_b[failed]
+    if A_f.device.type == "cpu":
+        # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ; gelsd returns the minimum-norm least-squares solution
+        fix = torch.linalg.lstsq(A_f.transpose(-1, -2), B_f.transpose(-1, -2),
+                                 driver="gelsd").solution.transpose(-1, -2)
+    else:
+        fix = B_f @ torch.linalg.pinv(A_f)
+    X = X.clone()
+    X[failed] = fix.to(X.dtype)
+    return X
 
 
 class PiSolution(NamedTuple):
@@ -643,7 +688,8 @@ def pi_matrix(
         ridge: relative ridge for a regularized solve (see :func:`right_pinv_solve`); ``None``
             solves exactly.
         max_condition: without ridge, raise if cond(σ(gH)) exceeds it; default 1/eps of the
-            dtype (numerically rank-deficient). Pass ``math.inf`` to only report it.
+            dtype (numerically rank-deficient). Pass ``math.inf`` to only report it: the
+            rank-deficient entries then get the minimum-norm solution σ(H) σ(gH)⁺.
 
     Returns:
         :class:`PiSolution` (pi (..., h, h), upper (..., m, h) or None, condition (...,)).
