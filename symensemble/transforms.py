@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .symmetry.nonlinear import ActivationFn, columnwise, condition_number, right_pinv_solve
+from .symmetry.nonlinear import ActivationFn, pi_matrix
 
 __all__ = [
     "MemberDraw",
@@ -216,12 +216,16 @@ class GroupTransform(MemberTransform):
         generator: torch.Generator,
         hidden: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Draw g, redraw rank-deficient members; return (g, π, U π, cond)."""
+        """Draw g, redraw rank-deficient members; return (g, π, U π, cond).
+
+        π and U π come from :func:`~symensemble.symmetry.nonlinear.pi_matrix`; this method only
+        redraws the g_k whose σ(g_k H_k) exceeds the condition limit (without ridge).
+        """
         h = U.shape[-1]
         H = self._require(hidden, num_members, h)
         g = random_gl(num_members, h, self.eps, generator)
-        A = columnwise(act, g @ H)
-        cond = condition_number(A)
+        # the limit is enforced here, member by member, so pi_matrix only reports cond
+        pi, upper, cond = pi_matrix(g, H, act, U=U, ridge=self.ridge, max_condition=math.inf)
         if self.ridge is None:
             limit = self.condition_limit
             for attempt in range(self.max_redraws + 1):
@@ -250,11 +254,9 @@ class GroupTransform(MemberTransform):
                     limit,
                 )
                 g[bad] = random_gl(bad.numel(), h, self.eps, generator)
-                A[bad] = columnwise(act, g[bad] @ H[bad])
-                cond[bad] = condition_number(A[bad])
-        B = columnwise(act, H)
-        X = right_pinv_solve(torch.cat([B, U @ B], dim=-2), A, ridge=self.ridge)
-        return g, X[:, :h], X[:, h:], cond
+                redo = pi_matrix(g[bad], H[bad], act, U=U, max_condition=math.inf)
+                pi[bad], upper[bad], cond[bad] = redo.pi, redo.upper, redo.condition
+        return g, pi, upper, cond
 
     def draw(self, U, act, num_members, generator, hidden=None) -> MemberDraw:
         g, _, W, cond = self._solve(U, act, num_members, generator, hidden)
