@@ -135,6 +135,8 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:  # on disk before the rename, as in atomic_write_bytes
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -198,6 +200,9 @@ def read_checkpoint(path_or_name: str | os.PathLike) -> tuple[dict[str, torch.Te
         info[key] = _parse_meta(meta, key, path)
     for key in ("symensemble_version", "torch_version", "git_revision"):
         info[key] = meta.get(key, "unknown")
+    for key in ("model_args", "recipe", "metrics", "extra"):
+        if not isinstance(info[key], dict):
+            raise CheckpointError(f"{path}: metadata field {key!r} must be a JSON object, got {info[key]!r}")
     return tensors, info
 
 

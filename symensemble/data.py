@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -219,9 +220,14 @@ def _extract_tarball(archive: Path) -> Path:
     try:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of tree
+        if dest.exists():  # an earlier extraction without a usable tree: replace it
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     except (tarfile.TarError, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dest.is_dir() and _find_tree(dest) is not None:  # another process finished first
+            return _find_tree(dest)  # type: ignore[return-value]
         raise DataError(f"cannot extract {archive}: {err}; {_LAYOUTS}") from None
-    os.replace(tmp, dest)
     tree = _find_tree(dest)
     if tree is None:
         raise DataError(f"{archive} does not contain train/ and test/ class folders; {_LAYOUTS}")
@@ -325,9 +331,13 @@ def iterate_batches(
     """Yield (float images in [0, 1], labels) batches from a split already on its device.
 
     Shuffling and augmentation draw from ``generator`` (a CPU generator), so a run is
-    reproducible from its seed.
+    reproducible from its seed; without one they draw a seed from the global RNG.
     """
     n = len(split)
+    if generator is None and (shuffle or augment):
+        # One stream per call, seeded from the global RNG (a fresh default Generator would
+        # repeat the same crops every batch).
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     if shuffle:
         order = torch.randperm(n, generator=generator).to(split.labels.device)
     else:
@@ -337,5 +347,5 @@ def iterate_batches(
         idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
         x = split.images[idx]
         if augment:
-            x = augment_batch(x, generator if generator is not None else torch.Generator())
+            x = augment_batch(x, generator)
         yield x.float().div_(255), split.labels[idx]

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .models import list_models
+from .symmetry.activations import list_activations
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -52,7 +55,8 @@ class Recipe:
     label_smoothing: float = 0.0
     augment: bool = False  # random crop (pad 4) + horizontal flip
     val_size: int = 5000  # training images held out for validation
-    seed: int = 0
+    split_seed: int = 0  # seed of the validation split, fixed across training seeds
+    seed: int = 0  # initialization, shuffling, augmentation
     amp: bool = False  # bfloat16 autocast (CUDA only)
     channels_last: bool = False  # memory format for conv nets on GPU
 
@@ -69,6 +73,9 @@ class Recipe:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
             (self.val_size >= 0, "val_size must be >= 0"),
+            (all(0 <= b < 1 for b in self.betas), "betas must both be in [0, 1)"),
+            (self.model in list_models(), f"model must be one of {list_models()}"),
+            (self.act in list_activations(), f"act must be one of {list_activations()}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,7 +121,9 @@ def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, tuple):
-        if not isinstance(value, list | tuple) or len(value) != len(default):
+        numbers = isinstance(value, list | tuple) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not numbers or len(value) != len(default):
             raise RecipeError(f"{origin}: {key} must be a list of {len(default)} numbers, got {value!r}")
         return tuple(float(v) for v in value)
     if not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool):

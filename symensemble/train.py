@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .data import CIFAR10, Split, iterate_batches, load_cifar10
 from .models import SymModel, create_model
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 
 __all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback"]
 
@@ -207,18 +207,29 @@ def train(
 
     Returns:
         The trained model, the per-epoch history and the paths written.
+
+    The global torch RNG state is restored on return: seeding happens inside.
     """
     dev = resolve_device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        return _train(recipe, data, out, dev, resume, callbacks, progress, download)
+
+
+def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | None, dev: torch.device,
+           resume: bool, callbacks: Iterable[Callback], progress: bool, download: bool) -> TrainResult:
     out = Path(out) if out is not None else _default_out(recipe)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must be a .safetensors path, got {str(out)!r}")
     log_path = out.with_name(out.stem + ".log.json")
     if not isinstance(data, CIFAR10):
-        data = load_cifar10(data, download=download, val_size=recipe.val_size, seed=recipe.seed)
+        data = load_cifar10(data, download=download, val_size=recipe.val_size, seed=recipe.split_seed)
     train_split, val, test = data.train.to(dev), data.val.to(dev), data.test.to(dev)
 
     torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model, **recipe.model_config()).to(dev)
+    try:
+        model = create_model(recipe.model, **recipe.model_config()).to(dev)
+    except ValueError as err:
+        raise RecipeError(f"recipe model settings: {err}") from None
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _build_optimizer(model, recipe)
@@ -273,8 +284,19 @@ def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimi
             f"--resume: {out} is a finished run ({info['epoch']} epochs); nothing to resume"
         )
     state, train_state = split_train_state(tensors)
+    meta = info["extra"].get("optimizer")
+    num_params = sum(len(group["params"]) for group in opt.param_groups)
+    covered = {int(name.split(".")[1]) for name in train_state}
+    covered |= {int(i) for i in (meta or {}).get("scalars", {})}
+    if meta is None or covered != set(range(num_params)):
+        raise CheckpointError(
+            f"--resume: {out} lacks optimizer state for {num_params - len(covered)} of {num_params} "
+            "parameters (was it written by 'symensemble train'?); cannot continue the run exactly"
+        )
     model.load_state_dict(state)
-    _optimizer_from_tensors(opt, {k: v.to(dev) for k, v in train_state.items()}, info["extra"]["optimizer"])
+    # CPU tensors: load_state_dict moves moments to each parameter's device but keeps Adam's
+    # `step` on the CPU, as in an uninterrupted run (a GPU `step` forces a sync every step).
+    _optimizer_from_tensors(opt, train_state, meta)
     history: list[dict[str, Any]] = []
     if log_path.is_file():
         history = json.loads(log_path.read_text())["epochs"][: info["epoch"]]

@@ -31,7 +31,13 @@ def write_image_tree(root: Path, per_class: int = 3, classes=("cat", "dog"), fmt
     """Write train/<class>/ and test/<class>/ with random images; returns ``root``."""
     import warnings
 
-    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs; these are test inputs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _write_tree(root, per_class, classes, fmt, size)
+    return root
+
+
+def _write_tree(root: Path, per_class: int, classes, fmt: str, size: int) -> None:
     from torchvision.io import encode_jpeg, encode_png
 
     g = torch.Generator().manual_seed(0)
@@ -43,7 +49,6 @@ def write_image_tree(root: Path, per_class: int = 3, classes=("cat", "dog"), fmt
                 img = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
                 data = encode_png(img) if fmt == "png" else encode_jpeg(img, quality=90)
                 (folder / f"{i:04d}.{fmt}").write_bytes(data.numpy().tobytes())
-    return root
 
 
 @pytest.fixture
@@ -55,9 +60,12 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
 
 
 def real_cifar_root() -> str | None:
-    """``$SYMENSEMBLE_DATA`` when it holds CIFAR-10, else None (tests then skip)."""
+    """``$SYMENSEMBLE_DATA`` when it holds a CIFAR-10 tree (or its parent), else None (tests skip)."""
     root = os.environ.get("SYMENSEMBLE_DATA")
-    return root if root and Path(root).exists() else None
+    if not root or not Path(root).is_dir():
+        return None
+    folders = [Path(root), *(p for p in Path(root).iterdir() if p.is_dir())]
+    return root if any((f / "train").is_dir() and (f / "test").is_dir() for f in folders) else None
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from symensemble import data as data_mod
-from symensemble.data import DataError, augment_batch, iterate_batches, load_cifar10
+from symensemble.data import DataError, Split, augment_batch, iterate_batches, load_cifar10
 
 from .conftest import write_image_tree
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
 def test_folder_tree(tmp_path, isolated_cache, fmt):
     root = write_image_tree(tmp_path / "tree", per_class=4, fmt=fmt)
@@ -142,3 +143,24 @@ def test_iterate_batches_covers_everything_once(tiny_cifar):
     assert sorted(seen.tolist()) == sorted(tiny_cifar.train.labels.tolist())
     x, _ = next(iterate_batches(tiny_cifar.train, 10))
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_augmentation_without_a_generator_differs_between_batches():
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    same = Split(image.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long))
+    first, second = [x for x, _ in iterate_batches(same, 32, augment=True)]
+    assert not torch.equal(first, second)  # a fixed default generator gave identical batches
+    again, _ = [x for x, _ in iterate_batches(same, 32, augment=True)]
+    assert not torch.equal(first, again)
+
+
+def test_retried_extraction_of_a_bad_archive_fails_cleanly(tmp_path, isolated_cache):
+    src = tmp_path / "src" / "nothing"
+    src.mkdir(parents=True)
+    (src / "readme.txt").write_text("no images here")
+    archive = tmp_path / "bad.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="nothing")
+    for _ in range(2):  # the second try meets the first one's leftovers
+        with pytest.raises(DataError, match="does not contain train/ and test/"):
+            load_cifar10(archive)

@@ -46,6 +46,18 @@ def test_recipe_errors(tmp_path):
         load_recipe(tmp_path / "none.toml")
     with pytest.raises(RecipeError, match="optimizer must be one of"):
         Recipe(optimizer="lbfgs")
+    with pytest.raises(RecipeError, match="model must be one of"):
+        Recipe(model="resnet9000")
+    with pytest.raises(RecipeError, match="act must be one of"):
+        Recipe(act="swish")
+    bad.write_text('betas = ["a", 0.9]\n')
+    with pytest.raises(RecipeError, match="betas must be a list of 2 numbers"):
+        load_recipe(bad)
+    bad.write_text("betas = [true, 0.9]\n")
+    with pytest.raises(RecipeError, match="betas must be a list of 2 numbers"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="betas must both be in"):
+        Recipe(betas=(0.9, 1.5))
     assert Recipe().replace(epochs=3, lr=None).epochs == 3
     assert Recipe().replace(lr=1).lr == 1.0  # ints are accepted for floats
 
@@ -75,9 +87,13 @@ def test_training_learns_and_logs(tiny_cifar, tmp_path):
     assert info["extra"]["complete"] and info["epoch"] == 3
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_resume_matches_uninterrupted_run(tiny_cifar, tmp_path, augment):
-    recipe = Recipe(**TINY, augment=augment, optimizer="adam")
+@pytest.mark.parametrize("settings", [
+    {"augment": False, "optimizer": "adam"},
+    {"augment": True, "optimizer": "adam"},
+    {"augment": True, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 1.0},
+])
+def test_resume_matches_uninterrupted_run(tiny_cifar, tmp_path, settings):
+    recipe = Recipe(**TINY, **settings)
     full = train(recipe, data=tiny_cifar, out=tmp_path / "full.safetensors", device="cpu", progress=False)
 
     class Interrupt(Exception):
@@ -96,6 +112,25 @@ def test_resume_matches_uninterrupted_run(tiny_cifar, tmp_path, augment):
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
+
+
+def test_training_leaves_the_global_rng_alone(tiny_cifar, tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    train(Recipe(**{**TINY, "epochs": 1}), data=tiny_cifar, out=tmp_path / "m.safetensors", device="cpu",
+          progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tiny_cifar, tmp_path):
+    from symensemble.checkpoint import save_checkpoint
+
+    recipe = Recipe(**TINY)
+    model = se.create_model(recipe.model, **recipe.model_config())
+    out = save_checkpoint(model, tmp_path / "m.safetensors", recipe=recipe.to_dict(), epoch=1,
+                          extra={"complete": False})
+    with pytest.raises(ValueError, match="lacks optimizer state"):
+        train(recipe, data=tiny_cifar, out=out, device="cpu", progress=False, resume=True)
 
 
 def test_resume_refuses_other_recipe_or_finished_run(tiny_cifar, tmp_path):
@@ -148,9 +183,11 @@ def test_cli_train(tmp_path, isolated_cache):
         (["--epochs", "0"], "0 is not in the range"),
         (["--device", "tpu"], "'tpu' is not one of"),
         (["--resume", "--out", "{tmp}/none.safetensors"], "no checkpoint"),
+        (["--device", "cuda"], "torch sees no CUDA GPU"),
     ],
 )
-def test_cli_train_errors(tmp_path, isolated_cache, args, message):
+def test_cli_train_errors(tmp_path, isolated_cache, monkeypatch, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = write_image_tree(tmp_path / "data", per_class=2)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--data" not in args:

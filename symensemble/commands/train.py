@@ -36,7 +36,7 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
 
     The checkpoint is written atomically after every epoch, metrics to <out>.log.json.
     """
-    from ..train import format_metrics, train
+    from ..train import format_metrics, resolve_device, train
 
     try:
         recipe = load_recipe(recipe_path).replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
@@ -53,13 +53,15 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         callbacks.append(lambda model, epoch, metrics: click.echo(
             f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True))
     try:
-        result = train(recipe, data=data, out=out, device=device, resume=resume, download=download,
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--device") from None
+    try:
+        result = train(recipe, data=data, out=out, device=dev, resume=resume, download=download,
                        callbacks=callbacks, progress=not quiet)
     except DataError as err:
         raise click.BadParameter(str(err), param_hint="--data") from None
-    except CheckpointError as err:
-        raise click.UsageError(str(err)) from None
-    except ValueError as err:
+    except (CheckpointError, RecipeError) as err:
         raise click.UsageError(str(err)) from None
     final = result.history[-1] if result.history else {}
     click.echo(f"checkpoint: {result.checkpoint}")
