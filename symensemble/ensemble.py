@@ -275,6 +275,7 @@ class SymmetryEnsemble(nn.Module):
         max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
         head_dtype: torch.dtype = torch.float64,
         head: HeadParts | None = None,
+        _head_checked: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -294,7 +295,8 @@ class SymmetryEnsemble(nn.Module):
         )
         self.base_model = model
         self._parts = _head_of(model) if head is None else head
-        _check_parts(model, self._parts, self.member_transform.name)
+        if not _head_checked:  # from_modules checks its parts before the composition check
+            _check_parts(model, self._parts, self.member_transform.name)
         self._pointwise = _is_pointwise(self._parts.act)
         self.aggregate = aggregate
         self._num_members = num_members
@@ -392,7 +394,7 @@ class SymmetryEnsemble(nn.Module):
         if check_composition:
             sample = None if calibration_images is None else calibration_images[:8]
             _check_composition(model, parts, _as_images(sample))
-        return cls(model, calibration_images, head=parts, **kwargs)
+        return cls(model, calibration_images, head=parts, _head_checked=True, **kwargs)
 
     @torch.inference_mode()
     def _calibration_hidden(self, images: Tensor, batch_size: int = 1000) -> Tensor:

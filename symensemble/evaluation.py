@@ -53,6 +53,7 @@ from torch import nn
 from . import __version__
 from .attacks import DEFAULT_EOT_ITER, AttackPreset, get_attack
 from .distributed import DistInfo, all_reduce_sum, init_distributed, rank_device, shard
+from .ensemble import AGGREGATES
 from .records import (
     DEFAULT_TRANSFORMS,
     ORIGINAL,
@@ -65,6 +66,7 @@ from .records import (
     Strength,
     Target,
     parse_eps,
+    transform_choices,
     wilson_interval,
 )
 from .sanity import LARGE_EPS, LARGE_EPS_STEPS, sanity_checks
@@ -79,9 +81,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_AGGREGATES = ("vote", "mean", "logit_mean")
-
 
 # --------------------------------------------------------------------------------------------
 # Data: the evaluated subset and the calibration images
@@ -186,14 +185,6 @@ def _default_ensemble_factory(model: nn.Module, calibration: torch.Tensor, **kw:
     return SymmetryEnsemble(model, calibration, **kw)
 
 
-def _known_transforms() -> tuple[str, ...] | None:
-    try:
-        from .ensemble import TRANSFORMS
-    except ImportError:  # pragma: no cover - ensemble module missing
-        return None
-    return tuple(TRANSFORMS)
-
-
 def _versions() -> dict[str, str]:
     import torchattacks
 
@@ -239,11 +230,9 @@ def _load_data(data: Any) -> Any:
 class _Runner:
     """Runs strengths × batches, counting correct predictions per (strength, threat, target)."""
 
-    def __init__(self, *, base: Target, targets: list[Target], threats: list[str], seed: int,
-                 eot_iter: int, num_classes: int, attack_aggregate: str) -> None:
+    def __init__(self, *, base: Target, seed: int, eot_iter: int, num_classes: int,
+                 attack_aggregate: str) -> None:
         self.base = base
-        self.targets = targets  # base first
-        self.threats = threats
         self.seed = seed
         self.eot_iter = eot_iter
         self.num_classes = num_classes
@@ -422,12 +411,11 @@ def evaluate(
             raise ValueError(f"alpha must be positive, got {alpha!r}")
     transform_names = _names(transforms, "transforms")
     if ensemble_factory is None:
-        known = _known_transforms()
-        if known is not None:
-            bad = [t for t in transform_names if t != ORIGINAL and t not in known]
-            if bad:
-                raise ValueError(f"unknown transform(s) {bad}; expected {ORIGINAL!r} or one of "
-                                 f"{list(known)}")
+        known = transform_choices()
+        bad = [t for t in transform_names if t not in known]
+        if bad:
+            raise ValueError(f"unknown transform(s) {bad}; expected {ORIGINAL!r} or one of "
+                             f"{known[1:]}")
     members_list = _positive_ints(num_members, "num_members")
     ens_eps_list = []
     for e in _as_list(ensemble_eps):
@@ -441,8 +429,8 @@ def evaluate(
     ens_eps_list = list(dict.fromkeys(ens_eps_list))
     if not members_list or not ens_eps_list:
         raise ValueError("num_members and ensemble_eps need at least one value each")
-    if aggregate not in _AGGREGATES:
-        raise ValueError(f"unknown aggregate {aggregate!r}; expected one of {list(_AGGREGATES)}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; expected one of {list(AGGREGATES)}")
     if attack_aggregate is None:
         attack_aggregate = aggregate if aggregate in ("mean", "logit_mean") else "mean"
     if attack_aggregate not in ("mean", "logit_mean"):
@@ -546,8 +534,8 @@ def evaluate(
             batches = [(i, slice(start, min(start + batch_size, n)))
                        for i, start in enumerate(range(0, n, batch_size))]
             my_batches = shard(batches, dist_info)
-            runner = _Runner(base=base, targets=targets, threats=threats, seed=seed, eot_iter=eot_iter,
-                             num_classes=num_classes, attack_aggregate=attack_aggregate)
+            runner = _Runner(base=base, seed=seed, eot_iter=eot_iter, num_classes=num_classes,
+                             attack_aggregate=attack_aggregate)
             offsets, total_slots = [], 0
             for _, _, slots in units:
                 offsets.append(total_slots)

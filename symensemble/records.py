@@ -34,6 +34,7 @@ __all__ = [
     "THREATS",
     "DEFAULT_TRANSFORMS",
     "PAPER_FGSM_EPS",
+    "transform_choices",
 ]
 
 ORIGINAL = "original"
@@ -45,6 +46,16 @@ DEFAULT_TRANSFORMS = (ORIGINAL, "group", "ginv", "random", "shuffle", "perm_inte
 #: FGSM radii of the paper's Figure 11 (pixel units in [0, 1]).
 PAPER_FGSM_EPS = (0.0, 0.003, 0.006, 0.009, 0.012)
 _Z95 = 1.959963984540054
+
+
+def transform_choices() -> list[str]:
+    """The names an evaluation accepts as transforms: :data:`ORIGINAL` and the ensemble's.
+
+    Imports :mod:`symensemble.ensemble` (and so torch) only when called.
+    """
+    from .ensemble import TRANSFORMS
+
+    return [ORIGINAL, *TRANSFORMS]
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..attacks import DEFAULT_EOT_ITER, list_attacks
-from ..records import DEFAULT_TRANSFORMS, ORIGINAL, PAPER_FGSM_EPS, THREATS, parse_eps
+from ..records import DEFAULT_TRANSFORMS, PAPER_FGSM_EPS, THREATS, parse_eps, transform_choices
 
 __all__ = ["command", "CommaList", "run_evaluation", "evaluate_or_fail", "resolve_device"]
 
@@ -70,14 +70,6 @@ def _nonneg_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{text!r} must be a finite number >= 0")
     return value
-
-
-def _transform_choices() -> list[str]:
-    try:
-        from ..ensemble import TRANSFORMS
-    except ImportError:  # pragma: no cover
-        return list(DEFAULT_TRANSFORMS)
-    return [ORIGINAL, *TRANSFORMS]
 
 
 def _alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -166,7 +158,7 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
                    "[default: 10 for pgd, apgd, eotpgd].")
 @click.option("--alpha", callback=_alpha, default=None,
               help="Step size in pixel units (e.g. 0.01 or 2/255) [default: 2.5·eps/steps].")
-@click.option("--transforms", type=CommaList(str, "transform", _transform_choices),
+@click.option("--transforms", type=CommaList(str, "transform", transform_choices),
               default=",".join(DEFAULT_TRANSFORMS), show_default=True,
               help="'original' (the base model) and ensemble transforms, comma-separated.")
 @click.option("--num-members", type=CommaList(_int_item(1), "num-members"), default="200",
