@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from symensemble.symmetry.conserved import (
     orbit_scale_for_target,
     q_m,
     total_q,
+    unit_q,
 )
 from symensemble.symmetry.linear import HiddenGroup, LinearSymmetry, StackParams, stack_forward
 from symensemble.testing import assert_conserved, conservation_error
@@ -96,6 +98,24 @@ def test_q_m_matches_the_closed_forms_and_is_zero_for_antisymmetric_m():
         torch.testing.assert_close(
             q_m(params, (torch.diag(d),), sc), (homogeneous_q(params, alpha)[0] * d).sum()
         )
+
+
+def test_homogeneous_q_accepts_any_real_scalar_alpha():
+    params = StackParams.random((4, 5, 3, 2), generator=torch.Generator().manual_seed(3))
+    ref = homogeneous_q(params, 2.0)
+    for alpha in (2, np.float64(2.0), np.float32(2.0), np.int64(2), np.array(2.0), torch.tensor(2.0)):
+        for got, want in zip(homogeneous_q(params, alpha), ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [float(q.sum()) for q in homogeneous_q(params, [np.float64(1.0), torch.tensor(2.0)])] == [
+        float(homogeneous_q(params, 1.0)[0].sum()),
+        float(ref[1].sum()),
+    ]
+    W, b, W_next = params.weights[0], params.biases[0], params.weights[1]
+    torch.testing.assert_close(
+        unit_q(params, 2.0), W.square().sum(1) + b.square() - 2.0 * W_next.square().sum(0)
+    )
+    with pytest.raises(ValueError, match="got 1 alphas for 2 hidden layers"):
+        homogeneous_q(params, [1.0])
 
 
 def test_conserved_quantities_refuse_sigmoid_and_give_none_for_radial():

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..symmetry.conserved import imbalance
+from ..symmetry.conserved import imbalance, unit_q, unit_q_terms
 from ..symmetry.linear import (
     LinearSymmetry,
     StackParams,
@@ -53,13 +53,12 @@ def head_q_summary(model: nn.Module) -> dict[str, Any]:
         kind, alpha = group_kind_for_activation(act)
     except ValueError:
         kind, alpha = None, 1.0
-    V, b, U = params.weights[0], params.biases[0], params.weights[1]
-    row = V.square().sum(1) + (0 if b is None else b.square())
-    col = U.square().sum(0)
-    per_unit = row - alpha * col
+    row, col = unit_q_terms(params)
+    per_unit = unit_q(params, alpha)
+    group = None if kind is None else LinearSymmetry.for_activations([act], [row.numel()]).groups[0].name
     out: dict[str, Any] = {
         "activation": act.config(),
-        "group": None if kind is None else LinearSymmetry.for_activations([act], [V.shape[0]]).groups[0].name,
+        "group": group,
         "alpha": alpha,
         "conserved": kind in ("gl", "scaling"),
         "per_unit": per_unit.tolist(),

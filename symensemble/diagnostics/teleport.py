@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..symmetry.activations import Activation
-from ..symmetry.conserved import homogeneous_q, orbit_scale_for_target
+from ..symmetry.conserved import homogeneous_q, orbit_scale_for_target, unit_q_terms
 from ..symmetry.linear import (
     HiddenGroup,
     LinearSymmetry,
@@ -79,12 +79,6 @@ def teleport_group(model: nn.Module) -> tuple[StackParams, Activation, float]:
     return params, act, alpha
 
 
-def _terms(params: StackParams) -> tuple[torch.Tensor, torch.Tensor]:
-    V, b, U = params.weights[0], params.biases[0], params.weights[1]
-    a = V.square().sum(1) + (0 if b is None else b.square())
-    return a, U.square().sum(0)
-
-
 def unit_scales_for_q(
     params: StackParams,
     alpha: float = 1.0,
@@ -106,7 +100,7 @@ def unit_scales_for_q(
     """
     if (total is None) == (per_unit is None):
         raise ValueError("give exactly one of total=... or per_unit=...")
-    a, b = _terms(params)
+    a, b = unit_q_terms(params)
     if per_unit is not None:
         t = torch.as_tensor(per_unit, dtype=torch.float64)
         if t.shape != a.shape:

@@ -6,6 +6,7 @@
 * :func:`homogeneous_q` — the α-weighted diagonal
   diag(W_i W_iᵀ + b_i b_iᵀ) − α diag(W_{i+1}ᵀ W_{i+1}), conserved by homogeneous activations
   (Example 5.3, App. C.9.3).
+* :func:`unit_q` / :func:`unit_q_terms` — that diagonal for one hidden layer, and its two terms.
 * :func:`conserved_quantities` — whichever of the above the activations admit, per layer.
 * :func:`elementwise_q` — Q = ½ Tr UᵀU − Σ ∫₀^{V_aj} σ/σ′ (eq. 47) for the two-layer network
   F = U σ(V) with whitened input, any pointwise σ (closed form or Gauss–Legendre quadrature).
@@ -20,6 +21,7 @@ All functions take and return tensors; they are differentiable and keep the inpu
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +34,8 @@ __all__ = [
     "q_m",
     "imbalance",
     "homogeneous_q",
+    "unit_q",
+    "unit_q_terms",
     "conserved_quantities",
     "total_q",
     "antiderivative_sigma_over_dsigma",
@@ -88,6 +92,45 @@ def imbalance(params: StackParams) -> tuple[torch.Tensor, ...]:
     return tuple(a - b for a, b in (_gram_terms(params, i) for i in range(params.num_layers - 1)))
 
 
+def unit_q_terms(params: StackParams, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_k, b_k) = (|row_k W_i|² + b_{i,k}², |col_k W_{i+1}|²) for each unit k of hidden layer i.
+
+    The two terms of the per-unit quantity Q_k = a_k − α b_k (:func:`unit_q`); under the scaling
+    of unit k by c they move as a_k c² and b_k c^{−2α} (:func:`orbit_scale_for_target`).
+
+    Args:
+        params: θ.
+        layer: hidden layer i (0-based).
+
+    Shape:
+        two (n_i,) vectors.
+    """
+    if not 0 <= layer < params.num_layers - 1:
+        raise ValueError(f"hidden layer index {layer} out of range for {params.num_layers} layers")
+    W, b, W_next = params.weights[layer], params.biases[layer], params.weights[layer + 1]
+    a = W.square().sum(1)
+    if b is not None:
+        a = a + b.square()
+    return a, W_next.square().sum(0)
+
+
+def unit_q(params: StackParams, alpha: float = 1.0, layer: int = 0) -> torch.Tensor:
+    """Q_k = |row_k W_i|² + b_{i,k}² − α |col_k W_{i+1}|² for each unit k of hidden layer i.
+
+    The one implementation of the per-unit quantity; :func:`homogeneous_q` applies it to every
+    hidden layer.
+
+    Shape:
+        (n_i,).
+    """
+    a, b = unit_q_terms(params, layer)
+    return a - alpha * b
+
+
+def _is_scalar(x: object) -> bool:
+    return isinstance(x, numbers.Real) or getattr(x, "ndim", None) == 0
+
+
 def homogeneous_q(
     params: StackParams, alphas: float | Sequence[float] = 1.0
 ) -> tuple[torch.Tensor, ...]:
@@ -97,7 +140,8 @@ def homogeneous_q(
 
     Args:
         params: θ.
-        alphas: homogeneity degree α per hidden layer (or one for all).
+        alphas: homogeneity degree α per hidden layer, or one real number for all (any
+            ``numbers.Real``, e.g. a NumPy scalar, or a 0-d tensor/array).
 
     Shape:
         one (n_i,) vector per hidden layer.
@@ -105,21 +149,10 @@ def homogeneous_q(
     L = params.num_layers
     if L < 2:
         raise ValueError("a stack needs at least two layers to have a hidden layer")
-    alphas = (
-        [float(alphas)] * (L - 1)
-        if isinstance(alphas, (int, float))
-        else [float(a) for a in alphas]
-    )
+    alphas = [float(alphas)] * (L - 1) if _is_scalar(alphas) else [float(a) for a in alphas]
     if len(alphas) != L - 1:
         raise ValueError(f"got {len(alphas)} alphas for {L - 1} hidden layers")
-    out = []
-    for i, alpha in enumerate(alphas):
-        W, b, W_next = params.weights[i], params.biases[i], params.weights[i + 1]
-        q = W.square().sum(1) - alpha * W_next.square().sum(0)
-        if b is not None:
-            q = q + b.square()
-        out.append(q)
-    return tuple(out)
+    return tuple(unit_q(params, alpha, i) for i, alpha in enumerate(alphas))
 
 
 def conserved_quantities(
@@ -148,9 +181,7 @@ def conserved_quantities(
             a, b = _gram_terms(params, i)
             out.append(a - b)
         elif kind == "scaling":
-            W, bias, W_next = params.weights[i], params.biases[i], params.weights[i + 1]
-            q = W.square().sum(1) - alpha * W_next.square().sum(0)
-            out.append(q if bias is None else q + bias.square())
+            out.append(unit_q(params, alpha, i))
         else:
             out.append(None)
     return tuple(out)
