@@ -26,7 +26,13 @@ from symensemble.diagnostics import (
     sample_q,
     teleport,
 )
-from symensemble.diagnostics.common import TwoLayerProblem, log_spaced_steps, to_jsonable
+from symensemble.diagnostics.common import (
+    TwoLayerProblem,
+    dsigma,
+    log_spaced_steps,
+    sigma_derivatives,
+    to_jsonable,
+)
 from symensemble.diagnostics.distribution import expected_antiderivative
 from symensemble.diagnostics.hessian import full_hessian
 from symensemble.diagnostics.teleport import (
@@ -194,6 +200,38 @@ def test_one_dimensional_example_eq83():
 def _small_model(act="leaky_relu", hidden=5, seed=0):
     torch.manual_seed(seed)
     return create_model("paper_cnn", hidden=hidden, channels=2, act=act).eval()
+
+
+def test_sigma_derivatives_closed_forms_and_autograd_fallback():
+    z = torch.linspace(-2.0, 2.0, 11, dtype=F64)
+    for name in ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "relu_sqr"):
+        act = create_activation(name)
+        x = z.clone().requires_grad_(True)
+        (d1,) = torch.autograd.grad(act(x).sum(), x, create_graph=True)
+        d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
+        s, ds, dds = sigma_derivatives(act, z)
+        torch.testing.assert_close(s, act(z))
+        torch.testing.assert_close(ds, d1.detach())
+        torch.testing.assert_close(ds, dsigma(act, z))
+        torch.testing.assert_close(dds, torch.zeros_like(z) if d2 is None else d2)
+        assert not (s.requires_grad or ds.requires_grad or dds.requires_grad)
+    with pytest.raises(ValueError, match="pointwise"):
+        dsigma(create_activation("radial"), z.view(1, -1))
+
+
+def test_exact_head_hessian_trace_for_curved_activations():
+    gen = torch.Generator().manual_seed(5)
+    for act_name in ("sigmoid", "relu_sqr"):  # sigma'' != 0; relu_sqr takes the autograd path
+        act = create_activation(act_name)
+        params = StackParams.random((6, 3, 3), generator=gen)
+        X = torch.randn(12, 6, generator=gen, dtype=F64)
+        y = torch.randint(0, 3, (12,), generator=gen)
+
+        def loss(flat, params=params, act=act, X=X, y=y):
+            return F.cross_entropy(stack_forward(params.unflatten(flat), [act], X), y)
+
+        H = full_hessian(loss, params.flatten())
+        assert math.isclose(head_hessian_trace(params, act, X, y), float(H.trace()), rel_tol=1e-10)
 
 
 def test_exact_head_hessian_trace_matches_dense_and_scales_as_predicted():

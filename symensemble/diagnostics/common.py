@@ -29,6 +29,7 @@ from ..symmetry.activations import Activation, create_activation
 __all__ = [
     "TwoLayerProblem",
     "dsigma",
+    "sigma_derivatives",
     "rk4_step",
     "gradient_flow",
     "log_spaced_steps",
@@ -42,8 +43,18 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "half")
 
 
-def dsigma(act: Activation, z: torch.Tensor) -> torch.Tensor:
-    """σ′(z) elementwise: closed form for the registry's pointwise activations, else autograd."""
+def dsigma(act: Activation, z: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+    """σ′(z) elementwise: closed form for the registry's pointwise activations, else autograd.
+
+    Args:
+        act: a pointwise activation.
+        z: pre-activations (any shape).
+        create_graph: keep σ′(z) differentiable in ``z`` (which must then require grad), so that
+            σ″ = ∂σ′/∂z can be taken by autograd (:func:`sigma_derivatives`).
+
+    Raises:
+        ValueError: a non-pointwise activation without a closed form.
+    """
     name = act.name
     if name == "identity":
         return torch.ones_like(z)
@@ -58,10 +69,23 @@ def dsigma(act: Activation, z: torch.Tensor) -> torch.Tensor:
         return s * (1 - s)
     if not act.pointwise:
         raise ValueError(f"sigma' elementwise needs a pointwise activation, got {act.name!r}")
+    x = z if create_graph else z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (d,) = torch.autograd.grad(act(x).sum(), x, create_graph=create_graph)
+    return d
+
+
+def sigma_derivatives(act: Activation, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(σ(z), σ′(z), σ″(z)) elementwise and detached; σ′ from :func:`dsigma`, σ″ by autograd.
+
+    σ″ is zero where σ′ is piecewise constant (identity, ReLU, LeakyReLU).
+    """
     x = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        (d,) = torch.autograd.grad(act(x).sum(), x)
-    return d
+        d1 = dsigma(act, x, create_graph=True)
+        d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
+    s = act(z.detach())
+    return s, d1.detach(), torch.zeros_like(s) if d2 is None else d2.detach()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, sing
 __all__ = [
     "q_controlled_init",
     "convergence_elementwise",
-    "radial_row_map",
     "spectral_init",
     "convergence_radial",
     "plot_convergence",
@@ -214,15 +213,6 @@ def convergence_elementwise(
 # ----------------------------------------------------------------------------------------------
 # Radial (Prop. G.2)
 # ----------------------------------------------------------------------------------------------
-
-
-def radial_row_map(W: torch.Tensor) -> torch.Tensor:
-    """g(W)_ij = W_ij / |W_i|² (eq. 55 with h(r) = r⁻²), applied to each row.
-
-    Shape:
-        (…, k, n) → (…, k, n).
-    """
-    return W / W.square().sum(-1, keepdim=True)
 
 
 def _radial_loss_and_grads(

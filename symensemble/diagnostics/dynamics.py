@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..symmetry.activations import create_activation
-from ..symmetry.conserved import antiderivative_sigma_over_dsigma
+from ..symmetry.conserved import elementwise_q_terms
 from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, single_thread
 
 __all__ = ["DEFAULT_ACTIVATIONS", "DEFAULT_LRS", "q_dynamics", "plot_q_dynamics"]
@@ -49,12 +49,7 @@ def _train_one(
     lr = torch.tensor(lrs, dtype=U0.dtype).view(R, 1, 1)
     lr2 = lr.view(R).square()
 
-    def q_terms(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f1 = 0.5 * U.square().sum((-2, -1))
-        f2 = antiderivative_sigma_over_dsigma(act, V).sum((-2, -1))
-        return f1, f2
-
-    f1_0, f2_0 = q_terms(U0, V0)
+    f1_0, f2_0 = elementwise_q_terms(U0, V0, act)
     norm = f1_0.abs() + f2_0.abs()
     qt0 = (f1_0 - f2_0).abs() / norm
     record = set(log_spaced_steps(steps, num_records))
@@ -70,7 +65,7 @@ def _train_one(
         eps = torch.finfo(U0.dtype).eps
     for t in tqdm(range(steps + 1), desc=f"q dynamics [{act.name}]", disable=not progress, mininterval=2.0):
         loss, gU, gV = problem.loss_and_grads(U, V)
-        f1, f2 = q_terms(U, V)
+        f1, f2 = elementwise_q_terms(U, V, act)
         dq = (f1 - f2).abs() / norm - qt0
         max_abs_dq = torch.maximum(max_abs_dq, dq.abs())
         if t in record:

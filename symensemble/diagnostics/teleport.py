@@ -42,6 +42,7 @@ from ..symmetry.linear import (
     load_stack_params,
     stack_forward,
 )
+from .common import sigma_derivatives
 from .hessian import hvp_fn, lanczos
 from .inspection import head_stack
 
@@ -131,15 +132,6 @@ def apply_unit_scales(model: nn.Module, c: torch.Tensor, *, inplace: bool = Fals
 # ----------------------------------------------------------------------------------------------
 
 
-def _act_derivatives(act: Activation, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    z = Z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        s = act(z)
-        (d1,) = torch.autograd.grad(s.sum(), z, create_graph=True)
-        d2 = torch.autograd.grad(d1.sum(), z, allow_unused=True)[0] if d1.requires_grad else None
-    return s.detach(), d1.detach(), torch.zeros_like(Z) if d2 is None else d2.detach()
-
-
 def hessian_trace_terms(
     params: StackParams, act: Activation, features: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -158,7 +150,7 @@ def hessian_trace_terms(
     V, b, U, bU = params.weights[0], params.biases[0], params.weights[1], params.biases[1]
     X = features.to(params.dtype)
     Z = X @ V.T + (0 if b is None else b)
-    S, d1, d2 = _act_derivatives(act, Z)
+    S, d1, d2 = sigma_derivatives(act, Z)
     logits = S @ U.T + (0 if bU is None else bU)
     P = torch.softmax(logits, dim=1)
     Yh = F.one_hot(labels, P.shape[1]).to(P.dtype)

@@ -458,8 +458,7 @@ class HiddenGroup:
             return float((g.transpose(-1, -2) @ g - eye).abs().max())
         diag = torch.diagonal(g, dim1=-2, dim2=-1)
         off = (g - torch.diag_embed(diag)).abs().max()
-        neg = torch.clamp(-diag, min=0).max()
-        return float(torch.maximum(off, neg)) if bool((diag > 0).all()) else float("inf")
+        return float(off) if bool((diag > 0).all()) else float("inf")
 
     # -- representation π -----------------------------------------------------------------------
     def pi(self, g: torch.Tensor) -> torch.Tensor:
