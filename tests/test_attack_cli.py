@@ -153,6 +153,75 @@ def test_attack_missing_checkpoint_or_data(tiny_world, tmp_path):
     assert "no CIFAR-10 data" in result.output
 
 
+def test_attack_cuda_without_a_gpu_names_the_device_option(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run(*small_args(tiny_world, tmp_path / "o", "--device", "cuda"))
+    assert result.exit_code == 2, result.output
+    assert "--device" in result.output and "no CUDA device" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_attack_unwritable_out_is_a_clear_error(tiny_world, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run(*small_args(tiny_world, blocker / "results", "--attack", "fgsm", "--eps", "0",
+                             "--transforms", "original", "--no-sanity", "--no-figures"))
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and "cannot write the results" in result.output
+
+
+def test_evaluate_or_fail_lets_real_bugs_through(monkeypatch):
+    import click
+
+    from symensemble import evaluation
+    from symensemble.commands.attack import evaluate_or_fail
+
+    def buggy(**kw):
+        raise TypeError("a genuine bug")
+
+    monkeypatch.setattr(evaluation, "evaluate", buggy)
+    with pytest.raises(TypeError, match="a genuine bug"):
+        evaluate_or_fail({}, quiet=True)
+
+    def bad_value(**kw):
+        raise ValueError("n must be positive")
+
+    monkeypatch.setattr(evaluation, "evaluate", bad_value)
+    with pytest.raises(click.UsageError, match="recipe.toml: n must be positive"):
+        evaluate_or_fail({}, quiet=True, context="recipe.toml: ")
+
+
+def test_reproduce_uses_the_recipe_device_unless_overridden(tmp_path, monkeypatch):
+    import click
+
+    from symensemble.commands import attack as attack_cmd
+
+    seen = []
+
+    def capture(settings, **kw):
+        seen.append(settings["device"])
+        raise click.UsageError("stopped after capturing the settings")
+
+    monkeypatch.setattr(attack_cmd, "evaluate_or_fail", capture)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    recipe = tmp_path / "cpu.toml"
+    recipe.write_text('[evaluate]\ndevice = "cpu"\nn = 10\n')
+    assert run("reproduce", str(recipe), "--quiet").exit_code == 2
+    assert run("reproduce", str(recipe), "--quiet", "--device", "cuda").exit_code == 2
+    no_device = tmp_path / "auto.toml"
+    no_device.write_text("[evaluate]\nn = 10\n")
+    assert run("reproduce", str(no_device), "--quiet").exit_code == 2
+    assert seen == ["cpu", "cuda", "cuda"]
+    # a recipe asking for cuda on a machine without one: a clear error naming the recipe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe.write_text('[evaluate]\ndevice = "cuda"\nn = 10\n')
+    result = run("reproduce", str(recipe), "--quiet")
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert "device in" in result.output and "cpu.toml" in result.output
+    result = run("reproduce", str(recipe), "--quiet", "--device", "cpu")
+    assert seen[-1] == "cpu"
+
+
 def test_reproduce_runs_a_recipe_and_compares_with_the_paper(tiny_world, tmp_path):
     data, ckpt = tiny_world
     recipe = tmp_path / "mini.toml"

@@ -14,7 +14,8 @@ import click
 from ..attacks import DEFAULT_EOT_ITER, list_attacks
 from ..records import DEFAULT_TRANSFORMS, PAPER_FGSM_EPS, THREATS, parse_eps, transform_choices
 
-__all__ = ["command", "CommaList", "run_evaluation", "evaluate_or_fail", "resolve_device"]
+__all__ = ["command", "CommaList", "run_evaluation", "evaluate_or_fail", "resolve_device",
+           "write_or_fail"]
 
 
 class CommaList(click.ParamType):
@@ -84,20 +85,31 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> flo
     return alpha
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
-    if device != "auto":
-        return device
+def resolve_device(device: str, param_hint: str = "--device") -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` must be available.
+
+    Raises:
+        click.BadParameter: ``cuda`` asked for but torch sees no CUDA device (``param_hint``
+            names where the value came from).
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter(
+            f"{device!r} was asked for but torch sees no CUDA device on this machine "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+            "expected 'cpu' or 'auto'", param_hint=param_hint)
+    return device
 
 
 def evaluate_or_fail(settings: dict[str, Any], *, quiet: bool, context: str = ""):
     """:func:`symensemble.evaluate` with library errors turned into click errors.
 
     A bad checkpoint names ``--checkpoint``, bad data ``--data``; any other ``ValueError`` is
-    a usage error (prefixed with ``context``, e.g. the recipe path).
+    a usage error (prefixed with ``context``, e.g. the recipe path). Other exceptions are
+    bugs and propagate unchanged.
     """
     from ..checkpoint import CheckpointError
     from ..data import DataError
@@ -109,8 +121,24 @@ def evaluate_or_fail(settings: dict[str, Any], *, quiet: bool, context: str = ""
         raise click.BadParameter(str(err), param_hint="--checkpoint") from None
     except DataError as err:
         raise click.BadParameter(str(err), param_hint="--data") from None
-    except (ValueError, TypeError) as err:
+    except ValueError as err:
         raise click.UsageError(f"{context}{err}") from None
+
+
+def write_or_fail(result: Any, out: Path, *, figures: bool) -> dict[str, Path]:
+    """:func:`symensemble.report.write_results`, with an unwritable ``out`` a click error.
+
+    Raises:
+        click.BadParameter: ``out`` cannot be created or written (names ``--out``).
+    """
+    from ..report import write_results
+
+    try:
+        return write_results(result, out, figures=figures)
+    except OSError as err:
+        raise click.BadParameter(
+            f"cannot write the results to {str(out)!r}: {err.strerror or err}; expected a "
+            "folder that can be created and written", param_hint="--out") from None
 
 
 def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool, quiet: bool
@@ -121,7 +149,7 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
     writes under ``torchrun``.
     """
     from ..distributed import is_main_process, shutdown
-    from ..report import markdown_table, warnings_text, write_results
+    from ..report import markdown_table, warnings_text
 
     try:
         result = evaluate_or_fail(settings, quiet=quiet)
@@ -132,7 +160,7 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
     result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
     if out is None:
         out = Path("runs") / f"attack-{time.strftime('%Y%m%d-%H%M%S')}"
-    written = write_results(result, out, figures=figures)
+    written = write_or_fail(result, out, figures=figures)
     click.echo("")
     click.echo(markdown_table(result))
     click.echo(warnings_text(result))

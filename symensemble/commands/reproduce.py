@@ -22,8 +22,8 @@ __all__ = ["command"]
 @click.option("--checkpoint", default=None, help="Override the recipe's checkpoint.")
 @click.option("--n", type=click.IntRange(min=1), default=None, help="Override the test images.")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Device.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Override the recipe's device [default: the recipe's, else auto].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Override the batch size.")
 @click.option("--sanity/--no-sanity", default=None,
@@ -33,7 +33,7 @@ __all__ = ["command"]
               help="Output folder [default: runs/<recipe>-<timestamp>].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | None,
-            seed: int | None, device: str, batch_size: int | None, sanity: bool | None,
+            seed: int | None, device: str | None, batch_size: int | None, sanity: bool | None,
             figures: bool, out: Path | None, quiet: bool) -> None:
     """Run RECIPE (a path, or a name such as paper_fig11_fgsm from recipes/) and compare.
 
@@ -48,8 +48,8 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
     """
     from ..distributed import is_main_process, shutdown
     from ..evaluation import load_evaluation_recipe
-    from ..report import compare_with_paper, markdown_table, warnings_text, write_results
-    from .attack import evaluate_or_fail, resolve_device
+    from ..report import compare_with_paper, markdown_table, warnings_text
+    from .attack import evaluate_or_fail, resolve_device, write_or_fail
 
     try:
         spec = load_evaluation_recipe(recipe)
@@ -59,7 +59,11 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
     overrides = {"data": data, "model": checkpoint, "n": n, "seed": seed,
                  "batch_size": batch_size, "sanity": sanity}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    settings["device"] = resolve_device(device)
+    if device is not None:
+        settings["device"] = resolve_device(device)
+    else:
+        settings["device"] = resolve_device(str(settings.get("device", "auto")),
+                                            param_hint=f"device in {spec.path}")
     if not quiet and is_main_process():
         click.echo(f"{spec.title}  [{spec.path}]")
     try:
@@ -72,10 +76,14 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
     result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
     if out is None:
         out = Path("runs") / f"{spec.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    written = write_results(result, out, figures=figures)
+    written = write_or_fail(result, out, figures=figures)
     comparison = compare_with_paper(result, spec.paper)
     if comparison:
-        atomic_write_text(out / "comparison.md", f"# {spec.title}\n\n{comparison}")
+        try:
+            atomic_write_text(out / "comparison.md", f"# {spec.title}\n\n{comparison}")
+        except OSError as err:
+            raise click.BadParameter(f"cannot write {str(out / 'comparison.md')!r}: "
+                                     f"{err.strerror or err}", param_hint="--out") from None
         written["comparison.md"] = out / "comparison.md"
     click.echo("")
     click.echo(markdown_table(result))
