@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from symensemble.diagnostics.common import TwoLayerProblem, gradient_flow
+from symensemble.diagnostics.common import TwoLayerProblem, gradient_flow, single_thread
 from symensemble.symmetry.activations import create_activation
 from symensemble.symmetry.conserved import (
     TwistedQ,
@@ -33,10 +33,8 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 def _flow_problem(widths, act_names, seed=0, samples=24):

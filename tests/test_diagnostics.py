@@ -31,6 +31,7 @@ from symensemble.diagnostics.common import (
     dsigma,
     log_spaced_steps,
     sigma_derivatives,
+    single_thread,
     to_jsonable,
 )
 from symensemble.diagnostics.distribution import expected_antiderivative
@@ -53,10 +54,9 @@ F64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
+    with single_thread():
+        yield
 
 
 def test_two_layer_gradients_match_autograd():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from symensemble.diagnostics.common import single_thread
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation
 from symensemble.symmetry.linear import (
@@ -34,10 +35,8 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 # (activation name, kwargs) with a continuous linear symmetry
