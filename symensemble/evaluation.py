@@ -366,7 +366,9 @@ def evaluate(
         transforms: "original" (the base model) and ensemble transforms (group, ginv, random,
             shuffle, perm_interp, ...). The base model is always evaluated as the reference.
         num_members: ensemble sizes G (a list sweeps them).
-        ensemble_eps: ensemble radii ε of g = I + εM (a list sweeps them).
+        ensemble_eps: ensemble radii ε: members use g = exp(ε·T), T with i.i.d. N(0, 1/h)
+            entries, as in the paper's notebook (its text writes g = I + εM); ``perm_interp``
+            has its own formula. A list sweeps them.
         aggregate: how ensemble accuracy is counted: vote, mean or logit_mean.
         threat: "transfer", "adaptive" or both.
         seed: seeds the subset, the calibration draw, the ensembles and the attacks.

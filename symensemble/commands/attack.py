@@ -192,7 +192,9 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
 @click.option("--num-members", type=CommaList(_int_item(1), "num-members"), default="200",
               show_default=True, help="Ensemble size(s) G; a list sweeps them.")
 @click.option("--ensemble-eps", type=CommaList(_nonneg_float, "ensemble eps"), default="10",
-              show_default=True, help="Ensemble radius ε of g = I + εM; a list sweeps them.")
+              show_default=True,
+              help="Ensemble radius ε: members use g = exp(ε·T), T_ij ~ N(0, 1/h) (the paper's "
+                   "notebook; its text writes g = I + εM); a list sweeps them.")
 @click.option("--aggregate", type=click.Choice(["vote", "mean", "logit_mean"]), default="vote",
               show_default=True, help="How ensemble accuracy is counted (vote = paper's mode).")
 @click.option("--attack-aggregate", type=click.Choice(["mean", "logit_mean"]), default=None,
