@@ -7,7 +7,8 @@ unless one is given, and raises ``AssertionError`` with the measured error other
 * :func:`invariance_error` / :func:`assert_invariant` — F_{g·θ}(x) = F_θ(x) for random g
   (Definition 3.1, Proposition C.1) on a module or a functional stack.
 * :func:`group_axiom_errors` / :func:`assert_group_axioms` — identity, composition, inverse,
-  π a homomorphism, and d/dt exp(tM)·θ = M·θ at t = 0 (eqs. 20, 22, 23).
+  π a homomorphism, d/dt exp(tM)·θ = M·θ at t = 0 (eqs. 20, 22, 23) and closure of the Lie
+  algebra under the bracket (:func:`lie_closure_error`).
 * :func:`orthogonality_error` — ⟨∇L, M·θ⟩ = 0 for every Lie-algebra basis element (Prop. 3.4).
 * :func:`conservation_error` / :func:`assert_conserved` — a quantity sampled along a
   trajectory stays at its initial value.
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .symmetry.linear import LinearSymmetry, StackParams, stack_forward, transform_module
+from .symmetry.linear import HiddenGroup, LinearSymmetry, StackParams, stack_forward, transform_module
 
 __all__ = [
     "TOLERANCES",
@@ -31,6 +32,7 @@ __all__ = [
     "assert_invariant",
     "group_axiom_errors",
     "assert_group_axioms",
+    "lie_closure_error",
     "orthogonality_error",
     "conservation_error",
     "assert_conserved",
@@ -140,7 +142,9 @@ def group_axiom_errors(
         ``identity``: id·θ = θ; ``composition``: g₁·(g₂·θ) = (g₁g₂)·θ; ``inverse``:
         g⁻¹·(g·θ) = θ; ``membership``: sampled elements lie in G; ``homomorphism``:
         π(g₁g₂) = π(g₁)π(g₂); ``infinitesimal``: (exp(tM)·θ − exp(−tM)·θ)/2t = M·θ (central
-        difference, error O(t²)); ``lie_closed``: M·θ is linear in M.
+        difference, error O(t²)); ``linear``: M·θ is linear in M; ``lie_closed``: the Lie
+        algebra of each hidden group is closed under the bracket, P([M, N]) = [M, N] for its
+        basis elements and for the random M, N (:func:`lie_closure_error`).
     """
     kw = {"scale": scale, "generator": generator, "dtype": params.dtype}
     g1, g2 = symmetry.sample(**kw), symmetry.sample(**kw)
@@ -169,10 +173,49 @@ def group_axiom_errors(
     fd = (plus - minus) * (0.5 / step)
     errors["infinitesimal"] = rel(fd, symmetry.infinitesimal(M, params))
     lin = symmetry.infinitesimal([2.0 * m + n for m, n in zip(M, N, strict=True)], params)
-    errors["lie_closed"] = rel(
+    errors["linear"] = rel(
         lin, symmetry.infinitesimal(M, params) * 2.0 + symmetry.infinitesimal(N, params)
     )
+    errors["lie_closed"] = max(
+        (lie_closure_error(grp, extra=(m, n)) for grp, m, n in zip(symmetry.groups, M, N, strict=True)),
+        default=0.0,
+    )
     return errors
+
+
+def lie_closure_error(
+    group: HiddenGroup, *, max_basis: int = 64, extra: Sequence[torch.Tensor] = ()
+) -> float:
+    """How far the Lie algebra of ``group`` is from being closed under the bracket.
+
+    With P = ``group.project`` (the projection onto 𝔤) and E_a its basis elements
+    (:meth:`HiddenGroup.lie_basis`), returns the largest relative residual of
+
+    * P(E_a) = E_a (the basis lies in 𝔤), and
+    * P([E_a, E_b]) = [E_a, E_b] for every pair a, b (𝔤 is closed: [𝔤, 𝔤] ⊆ 𝔤),
+
+    each relative to max(1, max|·|). The pairs ``extra`` (e.g. random elements of 𝔤) are
+    bracketed with each other as well. When 𝔤 has more than ``max_basis`` basis elements an
+    evenly spaced subset of that many is used (deterministic; no random numbers are drawn).
+
+    Returns:
+        0 for a closed algebra, up to rounding.
+    """
+    dim = group.dim
+    indices = None if dim <= max_basis else torch.linspace(0, dim - 1, max_basis).round().long().unique()
+    B = group.lie_basis(indices=indices)
+    X = torch.cat([B, *(torch.as_tensor(x, dtype=B.dtype).unsqueeze(0) for x in extra)])
+
+    def residual(Y: torch.Tensor) -> float:  # max over Y of max|P(Y_i) − Y_i| / max(1, max|Y_i|)
+        if not Y.numel():
+            return 0.0
+        num = (group.project(Y) - Y).abs().amax((-2, -1))
+        return float((num / Y.abs().amax((-2, -1)).clamp_min(1.0)).max())
+
+    err = residual(B)
+    for A in X:
+        err = max(err, residual(A @ X - X @ A))  # [A, Y] for every Y
+    return err
 
 
 def assert_group_axioms(

@@ -25,7 +25,9 @@ from symensemble.symmetry.linear import (
 from symensemble.testing import (
     assert_group_axioms,
     assert_invariant,
+    group_axiom_errors,
     invariance_error,
+    lie_closure_error,
     orthogonality_error,
 )
 
@@ -244,3 +246,31 @@ def test_lie_bases_and_group_membership():
     assert HiddenGroup("scaling", 3).membership_error(-torch.eye(3, dtype=F64)) == math.inf
     with pytest.raises(ValueError, match="unknown group kind"):
         HiddenGroup("affine", 3)
+
+
+class _SymmetricSpan(HiddenGroup):
+    """Symmetric matrices posing as a Lie algebra: a subspace, but [S, S'] is antisymmetric."""
+
+    def project(self, A):
+        return 0.5 * (A + A.transpose(-1, -2))
+
+    def lie_basis(self, dtype=F64, device=None, *, indices=None):
+        return super().lie_basis(dtype, device, indices=indices).abs()  # E_kl + E_lk
+
+
+def test_lie_closure_error_is_zero_for_the_groups_and_catches_a_non_algebra():
+    for kind in ("gl", "scaling", "orthogonal"):
+        for h in (1, 2, 5, 12):  # GL(12) has 144 > 64 basis elements: the subset path
+            grp = HiddenGroup(kind, h)
+            M = grp.random_lie(generator=torch.Generator().manual_seed(h))
+            assert lie_closure_error(grp, extra=(M, M.T if kind == "orthogonal" else 2 * M)) < 1e-15
+    gl4, idx = HiddenGroup("gl", 4), torch.tensor([0, 5])
+    torch.testing.assert_close(gl4.lie_basis(indices=idx), gl4.lie_basis()[idx])
+    bad = _SymmetricSpan("orthogonal", 4)
+    assert lie_closure_error(bad) > 0.4
+    # ... and through the group axioms, where it is asserted
+    sym = LinearSymmetry((bad,))
+    params = StackParams.random((3, 4, 2), generator=torch.Generator().manual_seed(0))
+    assert group_axiom_errors(sym, params)["lie_closed"] > 0.4
+    with pytest.raises(AssertionError, match="lie_closed"):
+        assert_group_axioms(sym, params)

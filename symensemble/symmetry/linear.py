@@ -369,16 +369,27 @@ class HiddenGroup:
         return k, l
 
     def lie_basis(
-        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+        self,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        *,
+        indices: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """A basis of the Lie algebra 𝔤: E_kl (𝔤𝔩_h), E_kk (diagonal) or E_kl − E_lk, k < l (𝔰𝔬_h).
 
         Dense: dim·h² entries (h⁴ for GL_h); :meth:`basis_indices` describes it without storage.
 
+        Args:
+            dtype, device: of the result.
+            indices: only these basis elements (positions in the order of :meth:`basis_indices`).
+
         Shape:
-            (dim, h, h).
+            (dim, h, h), or (len(indices), h, h).
         """
         k, l = self.basis_indices(device)
+        if indices is not None:
+            sel = torch.as_tensor(indices, dtype=torch.long, device=k.device)
+            k, l = k[sel], l[sel]
         basis = torch.zeros(k.numel(), self.width, self.width, dtype=dtype, device=device)
         idx = torch.arange(k.numel(), device=device)
         basis[idx, k, l] = 1.0
