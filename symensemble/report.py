@@ -202,11 +202,32 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def _accuracy_lines(sel: list[Record], xkey: str, step_values: list | None
+                    ) -> list[tuple[str, str, tuple[list, list, list, list]]]:
+    """The lines to draw for ``sel``: (label suffix, line style, (x, accuracy, lo, hi)).
+
+    One line, or with ``step_values`` one line per step count (labelled ``(steps=k)``), so
+    points with different step counts are never joined.
+    """
+    styles = ["-", "--", ":", "-."]
+    groups = ([(f" (steps={v})", styles[n % len(styles)], [r for r in sel if r.steps == v])
+               for n, v in enumerate(step_values)] if step_values else [("", "-", sel)])
+    out = []
+    for suffix, style, group in groups:
+        group = sorted(group, key=lambda r: getattr(r, xkey))
+        if group:
+            out.append((suffix, style, ([getattr(r, xkey) for r in group],
+                                        [r.accuracy for r in group],
+                                        [r.ci_low for r in group], [r.ci_high for r in group])))
+    return out
+
+
 def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
                   ensemble_eps: float | None = None):
     """Accuracy against attack strength (Figure 11 style), one panel per threat model.
 
-    The x axis is eps, or steps when an attack has a single eps and several step counts.
+    The x axis is eps, or steps when an attack has a single eps and several step counts;
+    a grid over several eps and step counts gets one line per step count.
     The base model (white-box) is drawn in black in every panel; bands are 95% Wilson
     intervals. In sweeps the ensembles of size ``num_members`` and radius ``ensemble_eps``
     are drawn (default: the first of each list).
@@ -231,26 +252,24 @@ def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
         use_steps = len({r.eps for r in recs}) == 1 and len({r.steps for r in recs}) > 1
         xkey = "steps" if use_steps else "eps"
 
-        def series(sel: list[Record], _xkey: str = xkey) -> tuple[list, list, list, list]:
-            sel = sorted(sel, key=lambda r: getattr(r, _xkey))
-            return ([getattr(r, _xkey) for r in sel], [r.accuracy for r in sel],
-                    [r.ci_low for r in sel], [r.ci_high for r in sel])
+        # a grid over eps and steps: one line per step count, never joining different ones
+        split = sorted({r.steps for r in recs}, key=lambda v: (v is None, v or 0)) \
+            if not use_steps and len({r.steps for r in recs}) > 1 else None
 
         for j, threat in enumerate(threats):
             ax = axes[i][j]
-            xs, ys, lo, hi = series([r for r in recs if r.transform == ORIGINAL])
-            if xs:
-                ax.plot(xs, ys, "o-", color="black", lw=2.2, label="original (white-box)")
+            for suffix, style, (xs, ys, lo, hi) in _accuracy_lines(
+                    [r for r in recs if r.transform == ORIGINAL], xkey, split):
+                ax.plot(xs, ys, "o" + style, color="black", lw=2.2,
+                        label=f"original (white-box){suffix}")
                 ax.fill_between(xs, lo, hi, color="black", alpha=0.12, lw=0)
             for k, transform in enumerate(transforms):
                 sel = [r for r in recs if r.transform == transform and r.threat == threat
                        and r.num_members == g and r.ensemble_eps == e]
-                xs, ys, lo, hi = series(sel)
-                if not xs:
-                    continue
                 color = colors[k % len(colors)]
-                ax.plot(xs, ys, "o-", color=color, lw=1.8, label=transform)
-                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+                for suffix, style, (xs, ys, lo, hi) in _accuracy_lines(sel, xkey, split):
+                    ax.plot(xs, ys, "o" + style, color=color, lw=1.8, label=f"{transform}{suffix}")
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
             ax.set_xlabel(f"{attack.upper()} {'iterations' if use_steps else 'epsilon'}")
             if j == 0:
                 ax.set_ylabel("accuracy")

@@ -149,6 +149,34 @@ def test_figures_have_one_panel_per_threat_and_transform():
         plot_delta_heatmap(sweep_result(), eps=0.5)
 
 
+def test_figure_draws_one_line_per_step_count_in_an_eps_by_steps_grid():
+    eps, steps = [0.0, 0.03, 0.1], [1, 5]
+    records = []
+    for n_steps in steps:
+        for k, x in enumerate(eps):
+            acc = 0.6 - 0.1 * k * n_steps
+            records.append(rec(ORIGINAL, WHITEBOX, x, max(acc, 0.0), attack="pgd", steps=n_steps))
+            records.append(rec("group", "transfer", x, max(acc + 0.05, 0.0), attack="pgd",
+                               steps=n_steps))
+    settings = {"transforms": [ORIGINAL, "group"], "num_members": [200], "ensemble_eps": [10.0],
+                "threat": ["transfer"], "aggregate": "vote"}
+    fig = plot_accuracy(EvaluationResult(settings, records, []))
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"original (white-box) (steps=1)", "original (white-box) (steps=5)",
+                          "group (steps=1)", "group (steps=5)"}
+    for label, line in lines.items():
+        n_steps = 1 if "steps=1" in label else 5
+        assert list(line.get_xdata()) == eps, label  # one point per eps: no zig-zag
+        transform = ORIGINAL if label.startswith("original") else "group"
+        expect = [r.accuracy for r in records if r.transform == transform and r.steps == n_steps]
+        assert list(line.get_ydata()) == pytest.approx(expect), label
+    # a single step count keeps the plain labels
+    fig = plot_accuracy(fgsm_result())
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["original (white-box)", "group", "ginv"]
+
+
 def test_compare_with_paper_curve_and_grid():
     paper = {"source": "notebook", "eps": [0.0, 0.012],
              "accuracy": {"original": [0.598, 0.028], "group": [0.538, 0.083]}}
