@@ -21,6 +21,16 @@ def make_split(n: int, num_classes: int = 3, seed: int = 0) -> Split:
 
 
 @pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread: tiny batched LAPACK calls and two-layer loops are
+    faster that way and immune to a busy machine (a 5 ms batched SVD took 2 s on 2 busy cores)."""
+    from symensemble.diagnostics.common import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture
 def tiny_cifar() -> CIFAR10:
     return CIFAR10(make_split(96, seed=1), make_split(24, seed=2), make_split(24, seed=3),
                    ("a", "b", "c"), "synthetic")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from symensemble.diagnostics.common import TwoLayerProblem, gradient_flow, single_thread
+from symensemble.diagnostics.common import TwoLayerProblem, gradient_flow
 from symensemble.symmetry.activations import create_activation
 from symensemble.symmetry.conserved import (
     TwistedQ,
@@ -30,11 +30,7 @@ from symensemble.testing import assert_conserved, conservation_error
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flow_problem(widths, act_names, seed=0, samples=24):

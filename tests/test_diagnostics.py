@@ -31,7 +31,6 @@ from symensemble.diagnostics.common import (
     dsigma,
     log_spaced_steps,
     sigma_derivatives,
-    single_thread,
     to_jsonable,
 )
 from symensemble.diagnostics.distribution import expected_antiderivative
@@ -52,11 +51,7 @@ from symensemble.symmetry.linear import StackParams, stack_forward, stack_params
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_layer_gradients_match_autograd():

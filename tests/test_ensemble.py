@@ -17,14 +17,7 @@ from symensemble.models import SymHead, SymModel, create_model, list_models
 H_DIM, C_DIM = 6, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny batched LAPACK calls: on a busy 2-core machine every OpenMP region waits for a
-    descheduled worker (a 5 ms batched SVD took 2 s), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(SymModel):

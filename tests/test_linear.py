@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from symensemble.diagnostics.common import single_thread
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation
 from symensemble.symmetry.linear import (
@@ -34,11 +33,7 @@ from symensemble.testing import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (activation name, kwargs) with a continuous linear symmetry

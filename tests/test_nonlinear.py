@@ -24,14 +24,7 @@ from symensemble.symmetry.nonlinear import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny batched LAPACK calls: on a busy 2-core machine every OpenMP region waits for a
-    descheduled worker (a 5 ms batched SVD took 2 s), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NONVANISHING = ["leaky_relu", "tanh", "sigmoid", "radial", "identity"]

@@ -13,18 +13,12 @@ from safetensors.torch import save_file
 
 from symensemble.checkpoint import load_model, save_checkpoint
 from symensemble.commands.q import command as q
-from symensemble.diagnostics.common import single_thread
 from symensemble.diagnostics.inspection import head_q_summary
 from symensemble.models import create_model
 
 from .conftest import SHIPPED, real_cifar_root, write_image_tree
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(args: list[str], ok: bool = True):
