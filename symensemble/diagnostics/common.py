@@ -115,6 +115,17 @@ class TwoLayerProblem:
         if not self.act.pointwise:
             raise ValueError(f"TwoLayerProblem needs a pointwise activation, got {self.act.name!r}")
 
+    @classmethod
+    def random(cls, act: str | Activation, m: int, n: int, h: int, init_std: float, seed: int,
+               reduction: str = "mean") -> tuple[TwoLayerProblem, torch.Tensor, torch.Tensor]:
+        """A Gaussian target Y (m, n) and initialization U0 (m, h), V0 (h, n) with std
+        ``init_std``, all float64 from one generator seeded with ``seed`` (the paper's setup)."""
+        gen = torch.Generator().manual_seed(seed)
+        Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        U0 = torch.randn(m, h, generator=gen, dtype=torch.float64) * init_std
+        V0 = torch.randn(h, n, generator=gen, dtype=torch.float64) * init_std
+        return cls(Y, act, reduction), U0, V0
+
     @property
     def coef(self) -> float:
         """c with L = c‖Y − W‖²."""

@@ -133,12 +133,7 @@ def convergence_elementwise(
     results: dict[str, Any] = {}
     record = log_spaced_steps(steps, num_records)
     for name in activations:
-        act = create_activation(name)
-        gen = torch.Generator().manual_seed(seed)
-        Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        U0 = torch.randn(m, h, generator=gen, dtype=torch.float64) * init_std
-        V0 = torch.randn(h, n, generator=gen, dtype=torch.float64) * init_std
-        problem = TwoLayerProblem(Y, act, reduction)
+        problem, U0, V0 = TwoLayerProblem.random(name, m, n, h, init_std, seed, reduction)
         Us, Vs, kept, methods, skipped = [], [], [], [], {}
         for t in targets:
             try:
@@ -153,7 +148,7 @@ def convergence_elementwise(
         if not kept:
             raise ValueError(f"no target Q in {list(targets)} is reachable for {name!r}: {skipped}")
         U, V = torch.stack(Us), torch.stack(Vs)
-        f1, f2 = elementwise_q_terms(U, V, act)
+        f1, f2 = elementwise_q_terms(U, V, problem.act)
         q0 = f1 - f2
         curves, q_end, first = [], None, _FirstBelow(threshold)
         with single_thread():
@@ -170,7 +165,7 @@ def convergence_elementwise(
                 if s == steps:
                     break
                 U, V = U - lr * gU, V - lr * gV
-        f1, f2 = elementwise_q_terms(U, V, act)
+        f1, f2 = elementwise_q_terms(U, V, problem.act)
         q_end = f1 - f2
         curve = torch.stack(curves, 1)  # (R, K)
         l0 = curve[:, 0]

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q_terms
 from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, single_thread
 
@@ -157,12 +156,7 @@ def q_dynamics(
         raise ValueError(f"steps must be >= 1, got {steps}")
     results: dict[str, Any] = {}
     for name in activations:
-        act = create_activation(name)
-        gen = torch.Generator().manual_seed(seed)
-        Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        U0 = torch.randn(m, h, generator=gen, dtype=torch.float64) * init_std
-        V0 = torch.randn(h, n, generator=gen, dtype=torch.float64) * init_std
-        problem = TwoLayerProblem(Y, act, reduction)
+        problem, U0, V0 = TwoLayerProblem.random(name, m, n, h, init_std, seed, reduction)
         with single_thread():
             results[name] = _train_one(problem, U0, V0, lrs, steps, num_records, progress)
         log.info("q dynamics %s: max|dQ~| %s", name, results[name]["max_abs_dQ_tilde"])
