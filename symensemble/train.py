@@ -178,7 +178,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f"({metrics['epoch_seconds']:.1f} s)")
 
 
-def _default_out(recipe: Recipe) -> Path:
+def log_path_for(checkpoint: Path) -> Path:
+    """The per-epoch JSON log written beside a checkpoint: ``<stem>.log.json``."""
+    return checkpoint.with_name(checkpoint.stem + ".log.json")
+
+
+def default_out(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.model}-{recipe.act}-h{recipe.hidden}-seed{recipe.seed}.safetensors"
 
 
@@ -217,10 +222,10 @@ def train(
 
 def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | None, dev: torch.device,
            resume: bool, callbacks: Iterable[Callback], progress: bool, download: bool) -> TrainResult:
-    out = Path(out) if out is not None else _default_out(recipe)
+    out = Path(out) if out is not None else default_out(recipe)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must be a .safetensors path, got {str(out)!r}")
-    log_path = out.with_name(out.stem + ".log.json")
+    log_path = log_path_for(out)
     if not isinstance(data, CIFAR10):
         data = load_cifar10(data, download=download, val_size=recipe.val_size, seed=recipe.split_seed)
     train_split, val, test = data.train.to(dev), data.val.to(dev), data.test.to(dev)

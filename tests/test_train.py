@@ -216,3 +216,28 @@ def test_one_epoch_of_the_paper_recipe(tmp_path):
     assert result.exit_code == 0, result.output
     model, info = se.load_model(out, with_info=True)
     assert info["metrics"]["test_accuracy"] >= 0.50
+
+
+def test_cli_resume_continues_the_q_drift(tmp_path, isolated_cache):
+    from symensemble.data import load_cifar10
+    from symensemble.diagnostics import QRecorder
+
+    data_dir = write_image_tree(tmp_path / "data", per_class=4)
+    recipe_path = _tiny_recipe(tmp_path)
+    recipe = load_recipe(recipe_path).replace(epochs=3)
+    out = tmp_path / "m.safetensors"
+
+    def crash(model, epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # interrupted during epoch 2, after epoch 1's checkpoint
+        train(recipe, data=load_cifar10(data_dir, val_size=recipe.val_size, seed=recipe.split_seed),
+              out=out, device="cpu", progress=False, callbacks=[QRecorder(), crash])
+    result = CliRunner().invoke(main, ["train", "--recipe", str(recipe_path), "--epochs", "3", "--data",
+                                       str(data_dir), "--out", str(out), "--resume", "--record-q", "--quiet"])
+    assert result.exit_code == 0, result.output
+    epochs = json.loads((tmp_path / "m.log.json").read_text())["epochs"]
+    first = epochs[0]["q"]["total"]
+    for e in epochs[1:]:
+        assert e["q"]["drift"] == pytest.approx(e["q"]["total"] - first, abs=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -9,6 +10,15 @@ import click
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..recipe import RecipeError, load_recipe
+
+
+def _first_q_total(log_path: Path) -> float | None:
+    """The Q total of the first epoch recorded in an interrupted run's log, to continue its drift."""
+    try:
+        epochs = json.loads(log_path.read_text())["epochs"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((e["q"]["total"] for e in epochs if isinstance(e.get("q"), dict)), None)
 
 
 @click.command("train", short_help="Train a CIFAR-10 model from a recipe.")
@@ -36,7 +46,7 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
 
     The checkpoint is written atomically after every epoch, metrics to <out>.log.json.
     """
-    from ..train import format_metrics, resolve_device, train
+    from ..train import default_out, format_metrics, log_path_for, resolve_device, train
 
     try:
         recipe = load_recipe(recipe_path).replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
@@ -48,7 +58,8 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     if record_q:
         from ..diagnostics import QRecorder
 
-        callbacks.append(QRecorder())
+        log_path = log_path_for(out or default_out(recipe))
+        callbacks.append(QRecorder(baseline=_first_q_total(log_path) if resume else None))
     if not quiet:
         callbacks.append(lambda model, epoch, metrics: click.echo(
             f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True))
