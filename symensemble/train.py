@@ -61,9 +61,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def _epoch_seed(seed: int, epoch: int) -> int:
     # One stream per epoch: resuming at an epoch boundary replays exactly the same batches.
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return seed * 1_000_003 + epoch
 
 
 def _lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -139,8 +139,8 @@ def _train_epoch(
     steps_per_epoch: int, progress: bool,
 ) -> dict[str, float]:
     model.train()
-    gen = _epoch_generator(recipe.seed, epoch)
-    torch.manual_seed(recipe.seed * 1_000_003 + epoch)  # dropout etc. inside the model
+    gen = torch.Generator().manual_seed(_epoch_seed(recipe.seed, epoch))  # shuffling, augmentation
+    torch.manual_seed(_epoch_seed(recipe.seed, epoch))  # dropout etc. inside the model
     total_steps = steps_per_epoch * recipe.epochs
     amp = recipe.amp and train.images.device.type == "cuda"
     loss_sum = torch.zeros((), device=train.images.device)
