@@ -10,9 +10,10 @@ the counts equal those of a single process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shard", "all_reduce_sum", "rank_device",
-           "is_main_process", "shutdown"]
+           "is_main_process", "shutdown", "current", "distributed"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,3 +124,31 @@ def shutdown() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def current() -> DistInfo:
+    """This process's place in the process group the caller joined (world size 1 if none)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0),
+                        dist.get_backend())
+    return DistInfo()
+
+
+@contextlib.contextmanager
+def distributed(device: str | torch.device = "cpu") -> Iterator[DistInfo]:
+    """Join the ``torchrun`` process group for the block, and leave it afterwards.
+
+    The caller owns the process group: the CLI wraps a command in this, a Python script under
+    ``torchrun`` does the same around :func:`symensemble.evaluate`, which only reads
+    :func:`current`. A group that was already initialized is used and left in place.
+
+        >>> with distributed("cpu") as info:
+        ...     result = se.evaluate("paper_cnn")
+    """
+    owned = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if owned:
+            shutdown()

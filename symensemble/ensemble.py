@@ -53,11 +53,6 @@ AGGREGATES = ("mean", "vote", "logit_mean")
 
 _MEMBER_BUFFERS = ("g", "W", "b", "condition", "calibration_hidden")
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
-#: Multiply-adds of member-head work per CPU thread (about 5 ms of float64 work). Below that,
-#: synchronizing OpenMP workers for each of the head's few large ops is not worth it: paper_cnn,
-#: G = 200, B = 1,000 (83 M) took 1.08× the model with one thread and 1.04× with two on a quiet
-#: 2-core machine, but 1.04–1.07× vs 1.12–1.24× when other jobs loaded it.
-_MACS_PER_THREAD = 64_000_000
 
 
 @dataclass
@@ -570,22 +565,13 @@ class SymmetryEnsemble(nn.Module):
             return reduce(self._member_chunk(Hc, gc, Wc, b))
 
         out = []
-        work = (
-            H.shape[0]
-            * self._num_members
-            * self.hidden_features
-            * (self.hidden_features + self.num_classes)
-        )
-        with _threads(work // _MACS_PER_THREAD):
-            for sl in chunks:
-                if checkpoint:
-                    out.append(
-                        torch.utils.checkpoint.checkpoint(
-                            step, Hd, g[sl], W[sl], use_reentrant=False
-                        )
-                    )
-                else:
-                    out.append(step(Hd, g[sl], W[sl]))
+        for sl in chunks:
+            if checkpoint:
+                out.append(
+                    torch.utils.checkpoint.checkpoint(step, Hd, g[sl], W[sl], use_reentrant=False)
+                )
+            else:
+                out.append(step(Hd, g[sl], W[sl]))
         return out
 
     def member_logits(self, x: Tensor) -> Tensor:
@@ -603,8 +589,12 @@ class SymmetryEnsemble(nn.Module):
         parts = self._run(H, lambda L: L)
         return torch.cat(parts).transpose(1, 2).to(H.dtype).contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Aggregate the members' predictions by :attr:`aggregate`.
+    def forward(self, x: Tensor, aggregate: str | None = None) -> Tensor:
+        """Aggregate the members' predictions by ``aggregate`` (default :attr:`aggregate`).
+
+        Passing ``aggregate`` reads the ensemble through another aggregate for this call
+        only (attacks differentiate ``mean`` while accuracy is counted by ``vote``), without
+        changing the shared module.
 
         * ``mean``: log of the mean member softmax, log(1/G Σ_k softmax(logits_k)) — a
           log-probability, differentiable (computed as a log-sum-exp, so it stays finite).
@@ -615,16 +605,19 @@ class SymmetryEnsemble(nn.Module):
         Shape:
             x (B, 3, H, W) → (B, C).
         """
-        if self._aggregate == "vote":
+        mode = self._aggregate if aggregate is None else aggregate
+        if mode not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {mode!r}; expected one of {list(AGGREGATES)}")
+        if mode == "vote":
             with torch.no_grad():
-                return self._forward(x)
-        return self._forward(x)
+                return self._forward(x, mode)
+        return self._forward(x, mode)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, mode: str) -> Tensor:
         if self.resample_on_forward:
             self.resample()
         H = self._hidden(x)
-        G, mode = self._num_members, self._aggregate
+        G = self._num_members
         if self.is_exact:
             logits = self._parts.U(self._parts.act(H))
             if mode == "mean":

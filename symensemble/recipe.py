@@ -18,7 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Recipe", "RecipeError", "load_recipe"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "EvaluationRecipe", "load_evaluation_recipe",
+           "resolve_recipe"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -146,3 +147,86 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if "train" in data and isinstance(data["train"], dict):
         data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
     return Recipe.from_dict(data, origin=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation recipes: an [evaluate] table (EvalConfig fields + checkpoint, data) and [paper]
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationRecipe:
+    """A TOML evaluation recipe (``recipes/paper_fig11_fgsm.toml``).
+
+    Attributes:
+        title: one line saying what is reproduced.
+        config: the ``[evaluate]`` table as a validated :class:`~symensemble.evalconfig.EvalConfig`.
+        model: the ``checkpoint`` key (path or shipped name).
+        data: the ``data`` key, or ``None``.
+        device: the ``device`` key (``auto`` when absent; resolved by the command).
+        paper: the ``[paper]`` table (reported numbers to compare with), possibly empty.
+        path: the file it came from.
+    """
+
+    title: str
+    config: Any
+    model: str
+    data: str | None
+    device: str
+    paper: dict[str, Any]
+    path: Path
+
+
+def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
+    """An existing TOML path, or a recipe name looked up in the repository's ``recipes/``.
+
+    Raises:
+        RecipeError: nothing found; the message lists the available evaluation recipes.
+    """
+    candidate = Path(path_or_name).expanduser()
+    if candidate.is_file():
+        return candidate
+    folders = [Path(__file__).resolve().parent.parent / "recipes", Path.cwd() / "recipes"]
+    name = candidate.name if candidate.suffix == ".toml" else f"{candidate.name}.toml"
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    known = sorted({p.stem for f in folders if f.is_dir() for p in f.glob("paper_*.toml")})
+    raise RecipeError(f"no recipe at {str(path_or_name)!r}; give a .toml path or one of {known}")
+
+
+def load_evaluation_recipe(path_or_name: str | os.PathLike) -> EvaluationRecipe:
+    """Read an evaluation recipe: ``title``, an ``[evaluate]`` table, an optional ``[paper]``.
+
+    Recipes that reproduce the paper's figures name ``protocol = "paper"`` (or give an
+    ``attack``, which implies it), so they keep the paper's protocol whatever the default is.
+
+    Raises:
+        RecipeError: missing file, bad TOML, no ``[evaluate]`` table, unknown keys or bad values.
+    """
+    from .evalconfig import EvalConfig
+
+    path = resolve_recipe(path_or_name)
+    try:
+        payload = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid TOML ({err})") from None
+    table = payload.get("evaluate")
+    if not isinstance(table, dict):
+        raise RecipeError(f"{path}: an evaluation recipe needs an [evaluate] table "
+                          "(training recipes go to `symensemble train --recipe`)")
+    table = dict(table)
+    model = str(table.pop("checkpoint", "paper_cnn"))
+    data = table.pop("data", None)
+    device = str(table.pop("device", "auto"))
+    try:
+        config = EvalConfig.from_mapping(table, origin=f"{path} [evaluate]")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    paper = payload.get("paper", {})
+    if not isinstance(paper, dict):
+        raise RecipeError(f"{path}: [paper] must be a table")
+    return EvaluationRecipe(title=str(payload.get("title", path.stem)), config=config,
+                            model=model, data=None if data is None else str(data), device=device,
+                            paper=paper,
+                            path=path)

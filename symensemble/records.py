@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
+    from .evalconfig import EvalConfig
+
 __all__ = [
     "EvaluationResult",
     "Record",
@@ -149,7 +151,10 @@ class Record:
     """One measured accuracy: a target under a threat model at one attack strength.
 
     ``accuracy = correct / n`` with its 95% Wilson interval ``[ci_low, ci_high]``.
-    ``num_members`` and ``ensemble_eps`` are ``None`` for the base model.
+    ``num_members`` and ``ensemble_eps`` are ``None`` for the base model. In the portfolio
+    protocol, ``threat`` names the attack of the cascade (or ``robust``), ``accuracy`` is the
+    share of images robust after it and every earlier attack, and ``broken`` counts the
+    images this attack broke that every earlier one left robust.
     """
 
     transform: str
@@ -165,9 +170,19 @@ class Record:
     num_members: int | None = None
     ensemble_eps: float | None = None
     alpha: float | None = None
+    broken: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        """(transform, num_members, ensemble_eps, threat, attack, eps, steps): one row."""
+        return (self.transform, self.num_members, self.ensemble_eps, self.threat, self.attack,
+                self.eps, self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["broken"] is None:  # only portfolio rows say how many images their attack broke
+            del out["broken"]
+        return out
 
 
 def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float]:
@@ -202,12 +217,27 @@ class EvaluationResult:
         warnings: sanity-check findings (empty when all checks pass).
         probes: extra measurements the sanity checks ran (large-eps PGD, single-step
             references); not part of the requested grid.
+        config: the :class:`~symensemble.evalconfig.EvalConfig` that was run (rebuilt from
+            ``settings`` for results read back from disk).
+        flags: per-image correctness, one bool tensor (n,) per record, keyed by
+            :meth:`Record.key` (not written to disk). ANDs of these give any worst case.
     """
 
     settings: dict[str, Any]
     records: list[Record]
     warnings: list[str] = field(default_factory=list)
     probes: list[Record] = field(default_factory=list)
+    config: EvalConfig | None = None
+    flags: dict[tuple, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.config is None and self.settings:
+            from .evalconfig import EvalConfig
+
+            try:
+                self.config = EvalConfig.from_mapping(self.settings, "results", lenient=True)
+            except ValueError:
+                self.config = None  # written by another version: the settings still read
 
     def select(self, **filters: Any) -> list[Record]:
         """Records whose fields equal every given value, e.g. ``select(transform="group")``."""
@@ -216,14 +246,16 @@ class EvaluationResult:
     def accuracy(self, transform: str, threat: str | None = None, **filters: Any) -> float:
         """The one accuracy matching ``transform``, ``threat`` and ``filters``.
 
-        ``threat`` defaults to ``whitebox`` for the base model and ``transfer`` otherwise.
+        ``threat`` defaults to ``robust`` (portfolio results: survives every attack), else to
+        ``whitebox`` for the base model and ``transfer`` for ensembles.
 
         Raises:
             KeyError: no record or more than one matches.
         """
+        portfolio = any(r.attack == "portfolio" for r in self.records)
         if threat is None:
-            threat = WHITEBOX if transform == ORIGINAL else "transfer"
-        if transform == ORIGINAL:
+            threat = "robust" if portfolio else WHITEBOX if transform == ORIGINAL else "transfer"
+        if transform == ORIGINAL and not portfolio:
             threat = WHITEBOX
         found = self.select(transform=transform, threat=threat, **filters)
         if len(found) != 1:

@@ -27,8 +27,13 @@ from typing import Any
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .records import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record, format_eps
 
+PORTFOLIO = "portfolio"
+ROBUST = "robust"
+
 __all__ = [
     "markdown_table",
+    "portfolio_table",
+    "robustbench_info",
     "warnings_text",
     "records_csv",
     "results_json",
@@ -41,7 +46,7 @@ __all__ = [
 ]
 
 RECORD_FIELDS = ("transform", "threat", "attack", "eps", "steps", "accuracy", "ci_low", "ci_high",
-                 "n", "correct", "num_members", "ensemble_eps", "alpha")
+                 "n", "correct", "num_members", "ensemble_eps", "alpha", "broken")
 _THREAT_ORDER = {WHITEBOX: 0, "transfer": 1, "adaptive": 2, WORST: 3}
 _THREAT_LABEL = {WHITEBOX: "white-box", WORST: "worst-case"}
 
@@ -78,7 +83,8 @@ def markdown_table(result: EvaluationResult, *, digits: int = 3) -> str:
     out: list[str] = []
     attacks = list(dict.fromkeys(r.attack for r in result.records))
     for attack in attacks:
-        recs = [r for r in result.records if r.attack == attack]
+        recs = [r for r in result.records if r.attack == attack
+                and (attack != PORTFOLIO or r.threat == ROBUST)]
         cols = _strength_order(recs)
         vary_eps = len({c[0] for c in cols}) > 1
         vary_steps = len({c[1] for c in cols}) > 1
@@ -113,9 +119,11 @@ def markdown_table(result: EvaluationResult, *, digits: int = 3) -> str:
     n = result.records[0].n if result.records else 0
     agg = result.settings.get("aggregate", "")
     out.append(f"Accuracy on n={n} test images (ensembles counted by `{agg}`); 95% Wilson "
-               "intervals in results.json / results.csv. `transfer`: examples crafted on the "
-               "base model; `adaptive`: crafted on each ensemble itself; `worst-case`: images "
-               "that survive both.")
+               "intervals in results.json / results.csv. " + (
+                   "`robust`: images that survive every attack of the portfolio (eps=0: clean)."
+                   if PORTFOLIO in attacks else
+                   "`transfer`: examples crafted on the base model; `adaptive`: crafted on "
+                   "each ensemble itself; `worst-case`: images that survive both."))
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -137,6 +145,76 @@ def _sweep_rows(recs: list[Record], settings: dict[str, Any], order: dict[str, i
             vals = [f"{cells[e].accuracy:.{digits}f}" if e in cells else "" for e in radii]
         lines.append("| " + " | ".join(lead + vals) + " |")
     return lines
+
+
+def _target_label(r: Record) -> str:
+    return r.transform if r.num_members is None else (
+        f"{r.transform} (G={r.num_members}, ε={r.ensemble_eps:g})")
+
+
+def portfolio_table(result: EvaluationResult, *, digits: int = 3) -> str:
+    """The portfolio's cascade per target and radius, as AutoAttack logs it ("" if none).
+
+    Columns are the attacks in the order they ran; each cell is the accuracy left after that
+    attack and every earlier one, with the number of images it broke in parentheses; the
+    last column is the robust accuracy with its 95% interval.
+    """
+    rows: dict[tuple, list[Record]] = {}
+    for r in result.records:
+        if r.attack == PORTFOLIO and r.eps > 0:
+            rows.setdefault((_target_label(r), r.eps), []).append(r)
+    if not rows:
+        return ""
+    stages = [r.threat for r in next(iter(rows.values())) if r.threat != ROBUST]
+    lines = ["| target | eps | " + " | ".join(stages) + " | robust [95% CI] |",
+             "|:---|---:|" + "---:|" * (len(stages) + 1)]
+    for (label, eps), recs in rows.items():
+        by = {r.threat: r for r in recs}
+        cells = []
+        for stage in stages:
+            r = by.get(stage)
+            if r is None:
+                cells.append("")
+            else:
+                broke = "" if r.broken is None else f" ({r.broken})"
+                cells.append(f"{r.accuracy:.{digits}f}{broke}" if r.threat == "clean" else
+                             f"{_cumulative(recs, stage):.{digits}f}{broke}")
+        rob = by[ROBUST]
+        cells.append(f"{rob.accuracy:.{digits}f} [{rob.ci_low:.{digits}f}, {rob.ci_high:.{digits}f}]")
+        lines.append(f"| {label} | {format_eps(eps)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cumulative(recs: list[Record], stage: str) -> float:
+    """Accuracy after ``stage`` and every earlier one: clean minus what the stages broke."""
+    left = next(r.correct for r in recs if r.threat == "clean")
+    for r in recs:
+        if r.threat == "clean":
+            continue
+        left -= r.broken or 0
+        if r.threat == stage:
+            return left / r.n
+    raise KeyError(stage)
+
+
+def robustbench_info(result: EvaluationResult, record: Record, clean: Record) -> dict[str, Any]:
+    """RobustBench ``model_info`` fields for one target evaluated with ``--protocol autoattack``.
+
+    Accuracies are percentages as strings with two decimals, as in RobustBench's files.
+    ``number_forward_passes`` is 1: an ensemble runs its backbone once per image and only the
+    (h × h) member heads G times.
+    """
+    s = result.settings
+    arch = s.get("model_name", "model")
+    if record.num_members is not None:
+        arch += f" + {record.transform} symmetry ensemble (G={record.num_members}, ε={record.ensemble_eps:g})"
+    return {"name": f"symensemble {_target_label(record)}", "architecture": arch,
+            "dataset": "cifar10", "threat_model": "Linf", "eps": f"{format_eps(record.eps)}",
+            "clean_acc": f"{100 * clean.accuracy:.2f}",
+            "autoattack_acc": f"{100 * record.accuracy:.2f}", "n_examples": record.n,
+            "number_forward_passes": 1, "additional_data": False, "reported": "",
+            "footnote": f"measured by symensemble on this JPEG copy of CIFAR-10; "
+                        f"checkpoint {s.get('checkpoint')}, seed {s.get('seed')}"}
 
 
 def warnings_text(result: EvaluationResult) -> str:
@@ -161,7 +239,7 @@ def records_csv(result: EvaluationResult) -> str:
     writer.writerow(RECORD_FIELDS)
     for r in result.records:
         d = r.to_dict()
-        writer.writerow([_csv_value(d[k]) for k in RECORD_FIELDS])
+        writer.writerow([_csv_value(d.get(k)) for k in RECORD_FIELDS])
     return buf.getvalue()
 
 
@@ -238,7 +316,8 @@ def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
     settings = result.settings
     g = num_members if num_members is not None else (settings.get("num_members") or [None])[0]
     e = ensemble_eps if ensemble_eps is not None else (settings.get("ensemble_eps") or [None])[0]
-    threats = list(settings.get("threat", ["transfer", "adaptive"]))
+    portfolio = any(r.attack == PORTFOLIO for r in result.records)
+    threats = [ROBUST] if portfolio else list(settings.get("threat") or ["transfer", "adaptive"])
     if any(r.threat == WORST for r in result.records):
         threats.append(WORST)
     attacks = list(dict.fromkeys(r.attack for r in result.records))
@@ -259,9 +338,10 @@ def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
         for j, threat in enumerate(threats):
             ax = axes[i][j]
             for suffix, style, (xs, ys, lo, hi) in _accuracy_lines(
-                    [r for r in recs if r.transform == ORIGINAL], xkey, split):
+                    [r for r in recs if r.transform == ORIGINAL
+                     and r.threat in (WHITEBOX, ROBUST)], xkey, split):
                 ax.plot(xs, ys, "o" + style, color="black", lw=2.2,
-                        label=f"original (white-box){suffix}")
+                        label=f"original ({'robust' if portfolio else 'white-box'}){suffix}")
                 ax.fill_between(xs, lo, hi, color="black", alpha=0.12, lw=0)
             for k, transform in enumerate(transforms):
                 sel = [r for r in recs if r.transform == transform and r.threat == threat
@@ -360,7 +440,7 @@ def plot_delta_heatmap(result: EvaluationResult, *, attack: str | None = None,
 
 
 def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *,
-                  figures: bool = True) -> dict[str, Path]:
+                  figures: bool = True, extra: dict[str, str] | None = None) -> dict[str, Path]:
     """Write results.json, results.csv, table.md and the figures into ``out_dir``.
 
     Every file goes through a temporary file and ``os.replace``, so a reader never sees a
@@ -373,10 +453,14 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    per_attack = portfolio_table(result)
     texts = {
         "results.json": results_json(result),
         "results.csv": records_csv(result),
-        "table.md": markdown_table(result) + "\n" + warnings_text(result),
+        "table.md": markdown_table(result) + ("\n" + per_attack if per_attack else "") + "\n"
+        + warnings_text(result),
+        **_robustbench_files(result),
+        **(extra or {}),
     }
     for name, text in texts.items():
         atomic_write_text(out / name, text)
@@ -391,6 +475,24 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *,
                                    _png_bytes(plot_delta_heatmap(result)))
                 written["delta_heatmap.png"] = out / "delta_heatmap.png"
     return written
+
+
+def _robustbench_files(result: EvaluationResult) -> dict[str, str]:
+    """``robustbench_<target>.json`` per target of an AutoAttack run (RobustBench model_info)."""
+    if result.settings.get("protocol") != "autoattack":
+        return {}
+    files = {}
+    for r in result.records:
+        if r.attack != "autoattack" or r.eps == 0 or r.threat == "transfer":
+            continue
+        clean = next((c for c in result.records if c.eps == 0 and c.transform == r.transform
+                      and c.num_members == r.num_members and c.ensemble_eps == r.ensemble_eps
+                      and c.threat == r.threat), None)
+        if clean is None:
+            continue
+        stem = r.transform if r.num_members is None else f"{r.transform}_G{r.num_members}_eps{r.ensemble_eps:g}"
+        files[f"robustbench_{stem}.json"] = json.dumps(robustbench_info(result, r, clean), indent=2) + "\n"
+    return files
 
 
 # --------------------------------------------------------------------------------------------

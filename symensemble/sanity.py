@@ -14,7 +14,7 @@ from typing import Any
 
 from .records import WHITEBOX, Record, format_eps
 
-__all__ = ["sanity_checks", "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "LARGE_EPS_STEPS"]
+__all__ = ["sanity_checks", "portfolio_checks", "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "LARGE_EPS_STEPS"]
 
 #: Radius of the sanity probe at which an adaptive PGD should leave about 0 accuracy.
 LARGE_EPS = 64 / 255
@@ -53,6 +53,7 @@ def sanity_checks(
     tol: float = 0.01,
     large_eps_max_accuracy: float = LARGE_EPS_MAX_ACCURACY,
     num_classes: int = 10,
+    config: Any = None,
 ) -> list[str]:
     """Signs of a broken or gradient-masked evaluation, as readable warnings.
 
@@ -70,6 +71,13 @@ def sanity_checks(
     4. ``[large-eps]`` adaptive PGD at eps = 64/255 leaving more than
        ``large_eps_max_accuracy``: at that radius any real classifier is broken.
 
+    5. ``[weak-attack]`` (protocol ``paper``) the strongest attack at a radius is single-step
+       or short: the accuracy is an upper bound, not a robustness claim.
+    6. Portfolio cascades (:func:`portfolio_checks`): ``[not-converged]`` the last gradient
+       attack still breaks many images; ``[gradient-masking]`` transfer attacks break images
+       that every adaptive attack missed; ``[square-beats-gradients]`` the gradient-free
+       Square attack does.
+
     Args:
         records: the requested measurements.
         probes: extra measurements (large-eps PGD, FGSM references).
@@ -77,6 +85,7 @@ def sanity_checks(
         tol: absolute accuracy difference a finding must exceed.
         large_eps_max_accuracy: threshold of check 4.
         num_classes: C; chance accuracy is 1/C.
+        config: the run's :class:`~symensemble.evalconfig.EvalConfig` (for check 5), if any.
 
     Returns:
         Warning strings (empty when all checks pass).
@@ -149,6 +158,11 @@ def sanity_checks(
                 "surrogate's — do not trust the adaptive number as a robustness claim"
             )
 
+    # 5. and 6.
+    if config is not None and getattr(config, "protocol", None) == "paper":
+        warnings += _weak_attack(grid)
+    warnings += portfolio_checks(grid, z=z, tol=tol)
+
     # 4. PGD at a large eps must break the model
     for r in everything:
         if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
@@ -159,3 +173,77 @@ def sanity_checks(
                 "does not work on this model — gradient masking or a broken pipeline"
             )
     return warnings
+
+
+#: Iterations below which an attack is "short" for check 5.
+SHORT_ATTACK_STEPS = 20
+
+
+def _weak_attack(records: Sequence[Record]) -> list[str]:
+    """Check 5: radii whose strongest attack is single-step or short."""
+    strongest: dict[float, int] = {}
+    for r in records:
+        if r.eps > 0 and r.steps != 0:
+            steps = SHORT_ATTACK_STEPS if r.attack.startswith("autoattack") else (r.steps or 1)
+            strongest[r.eps] = max(strongest.get(r.eps, 0), steps)
+    out = []
+    for eps, steps in sorted(strongest.items()):
+        if steps < SHORT_ATTACK_STEPS:
+            kind = "single-step FGSM" if steps <= 1 else f"{steps}-step"
+            out.append(
+                f"[weak-attack] at eps={format_eps(eps)} the strongest attack is {kind}: these "
+                "accuracies are upper bounds, not robustness claims (the default portfolio "
+                "protocol runs 100-step APGD, transfer PGD and a vote surrogate)")
+    return out
+
+
+def _drop_is_significant(before: int, broken: int, n: int, z: float, tol: float) -> bool:
+    """Whether ``broken`` of ``before`` robust images (of n) is more than tol and z std errors."""
+    if n <= 0 or broken / n <= tol:
+        return False
+    p = before / n
+    se = math.sqrt(max(p * (1 - p), 0.0) / n)
+    return se == 0.0 or broken / n > z * se
+
+
+def portfolio_checks(records: Sequence[Record], *, z: float = 3.0, tol: float = 0.01) -> list[str]:
+    """Check 6 on portfolio rows (``attack == "portfolio"``, one per cascade stage).
+
+    * ``[not-converged]``: the last gradient attack of the cascade (before the transfer and
+      gradient-free ones) still breaks more than ``tol`` and ``z`` standard errors of images:
+      more iterations or restarts would likely lower the number further.
+    * ``[gradient-masking]``: transfer attacks from the base model break images that every
+      attack on the target's own gradients left robust.
+    * ``[square-beats-gradients]``: the gradient-free Square attack breaks images that every
+      gradient attack left robust (AutoAttack's own check).
+    """
+    from .portfolio import GRADIENT_FREE, TRANSFER
+
+    stages: dict[tuple, list[Record]] = defaultdict(list)
+    for r in records:
+        if r.attack == "portfolio" and r.eps > 0 and r.threat != "robust":
+            stages[(r.transform, r.num_members, r.ensemble_eps, r.eps)].append(r)
+    out = []
+    for rows in stages.values():
+        gradient = [r for r in rows[1:] if r.threat not in TRANSFER + GRADIENT_FREE]
+        survivors = rows[0].correct  # the clean-correct images the cascade starts from
+        for r in rows[1:]:
+            broken = r.broken or 0
+            kind = ("gradient-masking" if r.threat in TRANSFER else
+                    "square-beats-gradients" if r.threat in GRADIENT_FREE else
+                    "not-converged" if gradient and r is gradient[-1] else None)
+            if kind and _drop_is_significant(survivors, broken, r.n, z, tol):
+                out.append(f"[{kind}] {_label(r)} at eps={format_eps(r.eps)} broke {broken} of "
+                           f"{r.n} images " + _WHY[kind])
+            survivors -= broken
+    return out
+
+
+_WHY = {
+    "not-converged": "that every earlier attack left robust: the cascade has not converged; "
+                     "raise --apgd-steps or --restarts",
+    "gradient-masking": "that every attack on the target's own gradients left robust: its "
+                        "gradients are masked; trust only the combined robust row",
+    "square-beats-gradients": "that every gradient attack left robust (AutoAttack's check): "
+                              "gradients are masked; trust only the combined robust row",
+}

@@ -12,37 +12,17 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import nn
 
+from .portfolio import AggregateView
 from .records import Target
 
 __all__ = ["ThreatModel", "Transfer", "Adaptive", "DifferentiableView", "get_threat", "list_threats"]
 
 
-class DifferentiableView(nn.Module):
-    """An ensemble seen through a differentiable aggregate, for gradient-based attacks.
-
-    Majority vote has no useful gradient, so adaptive attacks differentiate the ensemble's
-    ``mean`` aggregate (log of the mean member softmax) instead; the accuracy is still
-    counted with the user's aggregate.
-
-    Shape:
-        images (B, 3, H, W) in [0, 1] → (B, C).
-    """
-
-    def __init__(self, ensemble: nn.Module, aggregate: str = "mean") -> None:
-        super().__init__()
-        self.ensemble = ensemble
-        self.aggregate = aggregate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saved = self.ensemble.aggregate
-        self.ensemble.aggregate = self.aggregate
-        try:
-            return self.ensemble(x)
-        finally:
-            self.ensemble.aggregate = saved
+#: An ensemble seen through a differentiable aggregate (majority vote has no useful gradient,
+#: so adaptive attacks differentiate ``mean`` while accuracy is still counted with the vote).
+DifferentiableView = AggregateView
 
 
 class ThreatModel:

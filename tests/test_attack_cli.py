@@ -14,7 +14,7 @@ from torchvision.io import write_png
 
 import symensemble as se
 from symensemble.cli import main
-from symensemble.evaluation import load_evaluation_recipe
+from symensemble.recipe import load_evaluation_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io
 
@@ -80,7 +80,7 @@ def test_help_lists_the_commands():
 
 def test_attack_prints_the_table_and_writes_every_file(tiny_world, tmp_path):
     out = tmp_path / "out"
-    result = run(*small_args(tiny_world, out, "--eps", "0,8/255",
+    result = run(*small_args(tiny_world, out, "--protocol", "paper", "--eps", "0,8/255",
                              "--transforms", "original,group,ginv"))
     assert result.exit_code == 0, result.output
     assert "| transform | threat | eps=0 | eps=8/255 |" in result.output
@@ -99,6 +99,31 @@ def test_attack_prints_the_table_and_writes_every_file(tiny_world, tmp_path):
     assert len(payload["records"]) == 2 * (1 + 3 * 2)
     assert "| group | worst-case |" in result.output
     assert isinstance(payload["warnings"], list)
+
+
+def test_attack_default_is_the_portfolio_with_a_per_attack_table(tiny_world, tmp_path):
+    out = tmp_path / "portfolio"
+    result = run(*small_args(tiny_world, out, "--eps", "0,8/255", "--transforms",
+                             "original,group", "--apgd-steps", "5"))
+    assert result.exit_code == 0, result.output
+    assert "**portfolio**" in result.output and "| original | robust |" in result.output
+    assert "| group | robust |" in result.output
+    assert "| target | eps | clean | apgd-ce | apgd-dlr | apgd-softvote | pgd-transfer | " \
+           "fgsm-transfer | robust [95% CI] |" in result.output
+    payload = json.loads((out / "results.json").read_text())
+    s = payload["settings"]
+    assert s["protocol"] == "portfolio" and s["apgd_steps"] == 5 and s["attack"] is None
+    robust = [r for r in payload["records"] if r["threat"] == "robust" and r["eps"] > 0]
+    assert len(robust) == 2 and all(0 <= r["accuracy"] <= 1 for r in robust)
+    assert "per attack" in (out / "table.md").read_text().lower() or "apgd-ce" in (
+        out / "table.md").read_text()
+
+
+def test_attack_rejects_grid_options_with_the_portfolio(tiny_world, tmp_path):
+    result = run(*small_args(tiny_world, tmp_path / "o", "--protocol", "portfolio",
+                             "--attack", "pgd"))
+    assert result.exit_code == 2
+    assert "only apply to protocol 'paper'" in result.output
 
 
 def test_attack_sweep_writes_the_delta_heatmap(tiny_world, tmp_path):
@@ -174,21 +199,22 @@ def test_evaluate_or_fail_lets_real_bugs_through(monkeypatch):
     import click
 
     from symensemble import evaluation
-    from symensemble.commands.attack import evaluate_or_fail
+    from symensemble.commands.attack import _evaluate
+    from symensemble.evalconfig import EvalConfig
 
-    def buggy(**kw):
+    def buggy(*args, **kw):
         raise TypeError("a genuine bug")
 
     monkeypatch.setattr(evaluation, "evaluate", buggy)
     with pytest.raises(TypeError, match="a genuine bug"):
-        evaluate_or_fail({}, quiet=True)
+        _evaluate(EvalConfig(), "paper_cnn", None, quiet=True)
 
-    def bad_value(**kw):
+    def bad_value(*args, **kw):
         raise ValueError("n must be positive")
 
     monkeypatch.setattr(evaluation, "evaluate", bad_value)
     with pytest.raises(click.UsageError, match="recipe.toml: n must be positive"):
-        evaluate_or_fail({}, quiet=True, context="recipe.toml: ")
+        _evaluate(EvalConfig(), "paper_cnn", None, quiet=True, context="recipe.toml: ")
 
 
 def test_reproduce_uses_the_recipe_device_unless_overridden(tmp_path, monkeypatch):
@@ -198,11 +224,11 @@ def test_reproduce_uses_the_recipe_device_unless_overridden(tmp_path, monkeypatc
 
     seen = []
 
-    def capture(settings, **kw):
-        seen.append(settings["device"])
+    def capture(config, model, data, **kw):
+        seen.append(config.device)
         raise click.UsageError("stopped after capturing the settings")
 
-    monkeypatch.setattr(attack_cmd, "evaluate_or_fail", capture)
+    monkeypatch.setattr(attack_cmd, "_evaluate", capture)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     recipe = tmp_path / "cpu.toml"
     recipe.write_text('[evaluate]\ndevice = "cpu"\nn = 10\n')
@@ -270,7 +296,8 @@ def test_reproduce_errors(tmp_path):
 def test_shipped_recipes_parse(name):
     spec = load_evaluation_recipe(name)
     assert spec.path == REPO / "recipes" / f"{name}.toml"
-    assert spec.settings["model"].startswith("paper_cnn")
+    assert spec.model.startswith("paper_cnn")
+    assert spec.config.protocol == "paper"  # the paper's protocol, whatever the default
     assert spec.paper["accuracy"]["original"]
     if name == "paper_fig10":
         acc = spec.paper["accuracy"]
@@ -288,7 +315,7 @@ def _cifar_root() -> str | None:
                     reason="shipped checkpoint checkpoints/paper_cnn.safetensors is absent")
 def test_cifar_shipped_checkpoint_transfer_pattern(tmp_path):
     out = tmp_path / "cifar"
-    result = run("attack", "--n", "200", "--eps", "0,0.012", "--transforms",
+    result = run("attack", "--protocol", "paper", "--n", "200", "--eps", "0,0.012", "--transforms",
                  "original,group,shuffle", "--num-members", "50", "--no-sanity", "--quiet",
                  "--out", str(out))
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""``symensemble attack``: robustness of a model and its symmetry ensembles (transfer, adaptive)."""
+"""``symensemble attack``: robust accuracy of a model and its symmetry ensembles."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 import click
 
 from ..attacks import DEFAULT_EOT_ITER, list_attacks
-from ..records import DEFAULT_TRANSFORMS, PAPER_FGSM_EPS, THREATS, parse_eps, transform_choices
+from ..evalconfig import PROTOCOLS
+from ..records import DEFAULT_TRANSFORMS, THREATS, parse_eps, transform_choices
 
-__all__ = ["command", "CommaList", "run_evaluation", "evaluate_or_fail", "resolve_device",
-           "write_or_fail"]
+__all__ = ["command", "CommaList", "run_and_report", "resolve_device"]
 
 
 class CommaList(click.ParamType):
@@ -79,7 +79,7 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> flo
     try:
         alpha = parse_eps(value)
     except ValueError as err:
-        raise click.BadParameter(str(err).replace("eps", "alpha", 1), ctx, param) from None
+        raise click.BadParameter(str(err).replace("eps", "alpha"), ctx, param) from None
     if alpha <= 0:
         raise click.BadParameter(f"must be > 0, got {value!r}", ctx, param)
     return alpha
@@ -104,19 +104,22 @@ def resolve_device(device: str, param_hint: str = "--device") -> str:
     return device
 
 
-def evaluate_or_fail(settings: dict[str, Any], *, quiet: bool, context: str = ""):
-    """:func:`symensemble.evaluate` with library errors turned into click errors.
+def _evaluate(config: Any, model: str, data: Path | None, *, quiet: bool, context: str = ""):
+    """:func:`symensemble.evaluate` inside the torchrun process group, errors as click errors.
 
     A bad checkpoint names ``--checkpoint``, bad data ``--data``; any other ``ValueError`` is
     a usage error (prefixed with ``context``, e.g. the recipe path). Other exceptions are
-    bugs and propagate unchanged.
+    bugs and propagate unchanged. Returns ``None`` on ranks other than 0.
     """
     from ..checkpoint import CheckpointError
     from ..data import DataError
+    from ..distributed import distributed
     from ..evaluation import evaluate
 
     try:
-        return evaluate(**settings, progress=not quiet)
+        with distributed(config.device) as info:
+            result = evaluate(model, data, config, progress=not quiet)
+            return result if info.is_main else None
     except CheckpointError as err:
         raise click.BadParameter(str(err), param_hint="--checkpoint") from None
     except DataError as err:
@@ -125,47 +128,67 @@ def evaluate_or_fail(settings: dict[str, Any], *, quiet: bool, context: str = ""
         raise click.UsageError(f"{context}{err}") from None
 
 
-def write_or_fail(result: Any, out: Path, *, figures: bool) -> dict[str, Path]:
-    """:func:`symensemble.report.write_results`, with an unwritable ``out`` a click error.
-
-    Raises:
-        click.BadParameter: ``out`` cannot be created or written (names ``--out``).
-    """
+def _write(result: Any, out: Path, *, figures: bool, extra: dict[str, str]) -> dict[str, Path]:
     from ..report import write_results
 
     try:
-        return write_results(result, out, figures=figures)
+        return write_results(result, out, figures=figures, extra=extra)
     except OSError as err:
         raise click.BadParameter(
             f"cannot write the results to {str(out)!r}: {err.strerror or err}; expected a "
             "folder that can be created and written", param_hint="--out") from None
 
 
-def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool, quiet: bool
-                   ) -> None:
-    """Run :func:`symensemble.evaluate` with ``settings``, print the table, write ``out``.
+def run_and_report(config: Any, model: str, data: Path | None, out: Path | None, *,
+                   figures: bool, quiet: bool, name: str = "attack",
+                   paper: dict[str, Any] | None = None, title: str | None = None,
+                   context: str = "") -> None:
+    """Evaluate, then (rank 0) print the tables and write ``out`` — shared by attack/reproduce.
 
-    Library errors become click errors naming the option at fault. Only rank 0 prints and
-    writes under ``torchrun``.
+    Args:
+        config: the :class:`~symensemble.evalconfig.EvalConfig` to run.
+        model, data: checkpoint and data source.
+        out: output folder; default ``runs/<name>-<timestamp>``.
+        figures: write the figures.
+        quiet: no progress bar.
+        name: the default folder's prefix.
+        paper: a recipe's ``[paper]`` table: also write and print comparison.md.
+        title: the recipe's title (recorded in the settings and comparison.md).
+        context: prefix of usage errors (the recipe path).
     """
-    from ..distributed import is_main_process, shutdown
-    from ..report import markdown_table, warnings_text
+    from ..report import compare_with_paper, markdown_table, portfolio_table, warnings_text
 
-    try:
-        result = evaluate_or_fail(settings, quiet=quiet)
-        if not is_main_process():
-            return
-    finally:
-        shutdown()
+    result = _evaluate(config, model, data, quiet=quiet, context=context)
+    if result is None:
+        return
     result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
-    if out is None:
-        out = Path("runs") / f"attack-{time.strftime('%Y%m%d-%H%M%S')}"
-    written = write_or_fail(result, out, figures=figures)
+    if title is not None:
+        result.settings["recipe"] = {"path": context.rstrip(": "), "title": title}
+    comparison = compare_with_paper(result, paper) if paper else ""
+    extra = {"comparison.md": f"# {title}\n\n{comparison}"} if comparison else {}
+    out = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    written = _write(result, out, figures=figures, extra=extra)
     click.echo("")
     click.echo(markdown_table(result))
+    per_attack = portfolio_table(result)
+    if per_attack:
+        click.echo("\nPer attack (robust accuracy after each attack of the cascade; "
+                   "images it broke in parentheses):\n")
+        click.echo(per_attack)
     click.echo(warnings_text(result))
+    if comparison:
+        click.echo(comparison)
     click.echo(f"elapsed {result.settings['elapsed_s']:.1f} s; wrote "
                + ", ".join(p.name for p in written.values()) + f" to {out}")
+
+
+def _build_config(**options: Any) -> Any:
+    from ..evalconfig import EvalConfig
+
+    try:
+        return EvalConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 
 @click.command("attack", short_help="Robust accuracy of a model and its symmetry ensembles.")
@@ -174,18 +197,39 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
                    "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
-@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Test images (seeded, stratified by class).")
-@click.option("--attack", "attacks", type=CommaList(str, "attack", list_attacks), default="fgsm",
-              show_default=True, help=f"Attack(s), comma-separated: {', '.join(list_attacks())}.")
-@click.option("--eps", "eps", type=CommaList(parse_eps, "eps"),
-              default=",".join(f"{e:g}" for e in PAPER_FGSM_EPS), show_default=True,
-              help="L∞ radii in [0, 1] pixel units, comma-separated; fractions like 8/255 work.")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default=None,
+              help="portfolio: robust only if an image survives every attack of a strong "
+                   "cascade (the default); paper: the paper's transfer-FGSM grid (implied by "
+                   "--attack/--steps/--alpha/--threat); autoattack: AutoAttack standard at 8/255.")
+@click.option("--n", type=click.IntRange(min=1), default=None,
+              help="Test images (seeded, stratified by class) [default: 500 portfolio, 1000 otherwise].")
+@click.option("--eps", "eps", type=CommaList(parse_eps, "eps"), default=None,
+              help="L∞ radii in [0, 1] pixel units, comma-separated; fractions like 8/255 work "
+                   "[default: 0,0.006,0.012,8/255 portfolio; 0,0.003,...,0.012 paper; 0,8/255 "
+                   "autoattack].")
+@click.option("--attack", "attacks", type=CommaList(str, "attack", list_attacks), default=None,
+              help=f"Paper grid: attack(s), comma-separated: {', '.join(list_attacks())} "
+                   "[default: fgsm].")
 @click.option("--steps", type=CommaList(_int_item(0), "steps"), default=None,
-              help="Iterations of iterative attacks, comma-separated (a grid; 0 = clean) "
+              help="Paper grid: iterations of iterative attacks, comma-separated (0 = clean) "
                    "[default: 10 for pgd, apgd, eotpgd].")
 @click.option("--alpha", callback=_alpha, default=None,
-              help="Step size in pixel units (e.g. 0.01 or 2/255) [default: 2.5·eps/steps].")
+              help="Paper grid: step size in pixel units (e.g. 2/255) [default: 2.5·eps/steps].")
+@click.option("--threat", "threats", type=CommaList(str, "threat", lambda: list(THREATS)),
+              default=None, help="Paper grid: transfer (crafted on the base model), adaptive "
+                                 "(on each ensemble), or both [default: both].")
+@click.option("--apgd-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Portfolio: iterations of each adaptive APGD.")
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Portfolio: random restarts of each adaptive APGD.")
+@click.option("--transfer-steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Portfolio: PGD iterations crafted on the base model.")
+@click.option("--transfer-restarts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Portfolio: PGD restarts crafted on the base model.")
+@click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Portfolio: Square attack query budget (0 = no Square).")
+@click.option("--cascade/--no-cascade", default=True, show_default=True,
+              help="Portfolio: each attack only tries images still robust (as AutoAttack).")
 @click.option("--transforms", type=CommaList(str, "transform", transform_choices),
               default=",".join(DEFAULT_TRANSFORMS), show_default=True,
               help="'original' (the base model) and ensemble transforms, comma-separated.")
@@ -200,9 +244,6 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
 @click.option("--attack-aggregate", type=click.Choice(["mean", "logit_mean"]), default=None,
               help="Differentiable output adaptive attacks use [default: --aggregate if "
                    "differentiable, else mean].")
-@click.option("--threat", "threats", type=CommaList(str, "threat", lambda: list(THREATS)),
-              default=",".join(THREATS), show_default=True,
-              help="transfer (crafted on the base model), adaptive (on each ensemble), or both.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the subset, calibration, ensembles and attack random starts.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -216,40 +257,32 @@ def run_evaluation(settings: dict[str, Any], out: Path | None, *, figures: bool,
 @click.option("--samples-per-member", type=click.IntRange(min=1), default=None,
               help="Calibration images per member [default: hidden width h].")
 @click.option("--sanity/--no-sanity", default=True, show_default=True,
-              help="Run the sanity probes (PGD at eps 64/255; FGSM references).")
+              help="Run the sanity probes (PGD at eps 64/255; clean and FGSM references).")
 @click.option("--figures/--no-figures", default=True, show_default=True,
               help="Write accuracy_vs_eps.png (and delta_heatmap.png for sweeps).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: runs/attack-<timestamp>].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(checkpoint: str, data: Path | None, n: int, attacks: list[str], eps: list[float],
-            steps: list[int] | None, alpha: float | None, transforms: list[str],
-            num_members: list[int], ensemble_eps: list[float], aggregate: str,
-            attack_aggregate: str | None, threats: list[str], seed: int, device: str,
-            batch_size: int, eot_iter: int, resample_members: bool,
-            samples_per_member: int | None, sanity: bool, figures: bool, out: Path | None,
-            quiet: bool) -> None:
+def command(checkpoint: str, data: Path | None, figures: bool, out: Path | None, quiet: bool,
+            device: str, attacks: list[str] | None, threats: list[str] | None, **options: Any
+            ) -> None:
     """Attack the base model and its symmetry ensembles; print and save accuracy tables.
 
-    Every strength is measured under two threat models: `transfer` (examples crafted once on
-    the base model and shared by all ensembles — the paper's protocol) and `adaptive` (the
-    attack run on each ensemble's own differentiable output, with EOT when members are
-    resampled). The defaults reproduce the paper's FGSM grid (Figure 11) on the shipped
-    checkpoint. Writes results.json, results.csv, table.md and figures to --out.
+    By default every radius runs the attack portfolio: an image counts as robust only if it
+    survives adaptive APGD-CE, APGD-DLR and APGD on a soft-vote surrogate on each target's own
+    output, and PGD and FGSM transferred from the base model (a cascade: each attack only
+    tries images still robust). `--protocol paper` runs the paper's transfer-FGSM grid
+    (Figure 11) with `transfer` and `adaptive` threat models. Writes results.json,
+    results.csv, table.md and figures to --out.
 
     \b
     Examples:
       symensemble attack --data ~/cifar10
-      symensemble attack --attack pgd --eps 8/255 --steps 1,2,5,10 --transforms original,group
-      symensemble attack --eps 0 --num-members 10,20,40 --ensemble-eps 20,10,1,0.1
+      symensemble attack --eps 8/255 --restarts 2 --square-queries 1000
+      symensemble attack --protocol paper --attack pgd --eps 8/255 --steps 1,2,5,10
+      symensemble attack --protocol autoattack --transforms original,group --n 1000
       torchrun --nproc_per_node 2 --no-python -- symensemble attack --n 1000
     """
-    settings = dict(
-        model=checkpoint, data=data, n=n, attack=attacks, eps=eps, steps=steps, alpha=alpha,
-        transforms=[t.lower() for t in transforms], num_members=num_members,
-        ensemble_eps=ensemble_eps, aggregate=aggregate, attack_aggregate=attack_aggregate,
-        threat=[t.lower() for t in threats],
-        seed=seed, device=resolve_device(device), batch_size=batch_size, eot_iter=eot_iter,
-        resample_members=resample_members, samples_per_member=samples_per_member, sanity=sanity,
-    )
-    run_evaluation(settings, out, figures=figures, quiet=quiet)
+    config = _build_config(attack=attacks, threat=threats, device=resolve_device(device),
+                           **options)
+    run_and_report(config, checkpoint, data, out, figures=figures, quiet=quiet)

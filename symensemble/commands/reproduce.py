@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
-import time
 from pathlib import Path
 
 import click
-
-from ..checkpoint import atomic_write_text
 
 __all__ = ["command"]
 
@@ -46,49 +41,22 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
       paper_fig11_fgsm  FGSM grid, transfer and adaptive
       paper_fig11_pgd   PGD iterations grid (eps 0.3, step 0.01), transfer and adaptive
     """
-    from ..distributed import is_main_process, shutdown
-    from ..evaluation import load_evaluation_recipe
-    from ..report import compare_with_paper, markdown_table, warnings_text
-    from .attack import evaluate_or_fail, resolve_device, write_or_fail
+    from ..recipe import RecipeError, load_evaluation_recipe
+    from .attack import resolve_device, run_and_report
 
     try:
         spec = load_evaluation_recipe(recipe)
-    except ValueError as err:
+    except RecipeError as err:
         raise click.BadParameter(str(err), param_hint="RECIPE") from None
-    settings = dict(spec.settings)
-    overrides = {"data": data, "model": checkpoint, "n": n, "seed": seed,
-                 "batch_size": batch_size, "sanity": sanity}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    if device is not None:
-        settings["device"] = resolve_device(device)
-    else:
-        settings["device"] = resolve_device(str(settings.get("device", "auto")),
-                                            param_hint=f"device in {spec.path}")
-    if not quiet and is_main_process():
-        click.echo(f"{spec.title}  [{spec.path}]")
+    overrides = {"n": n, "seed": seed, "batch_size": batch_size, "sanity": sanity}
+    overrides["device"] = (resolve_device(device) if device is not None else
+                           resolve_device(spec.device, param_hint=f"device in {spec.path}"))
     try:
-        result = evaluate_or_fail(settings, quiet=quiet, context=f"{spec.path}: ")
-        if not is_main_process():
-            return
-    finally:
-        shutdown()
-    result.settings["recipe"] = {"path": str(spec.path), "title": spec.title}
-    result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
-    if out is None:
-        out = Path("runs") / f"{spec.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    written = write_or_fail(result, out, figures=figures)
-    comparison = compare_with_paper(result, spec.paper)
-    if comparison:
-        try:
-            atomic_write_text(out / "comparison.md", f"# {spec.title}\n\n{comparison}")
-        except OSError as err:
-            raise click.BadParameter(f"cannot write {str(out / 'comparison.md')!r}: "
-                                     f"{err.strerror or err}", param_hint="--out") from None
-        written["comparison.md"] = out / "comparison.md"
-    click.echo("")
-    click.echo(markdown_table(result))
-    click.echo(warnings_text(result))
-    if comparison:
-        click.echo(comparison)
-    click.echo(f"elapsed {result.settings['elapsed_s']:.1f} s; wrote "
-               + ", ".join(p.name for p in written.values()) + f" to {out}")
+        config = spec.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as err:
+        raise click.UsageError(f"{spec.path}: {err}") from None
+    if not quiet:
+        click.echo(f"{spec.title}  [{spec.path}]")
+    run_and_report(config, checkpoint or spec.model, data or spec.data, out, figures=figures,
+                   quiet=quiet, name=spec.path.stem, paper=spec.paper, title=spec.title,
+                   context=f"{spec.path}: ")
