@@ -32,6 +32,8 @@ _EXPORTS = {
     "HeadParts": "symensemble.ensemble",
     "TRANSFORMS": "symensemble.ensemble",
     "evaluate": "symensemble.evaluation",
+    "EvalConfig": "symensemble.evalconfig",
+    "build_ensemble": "symensemble.targets",
     "EvaluationResult": "symensemble.records",
     "load_results": "symensemble.records",
 }

@@ -44,9 +44,12 @@ _GRID_ONLY = ("attack", "steps", "alpha", "threat")
 
 
 def _as_list(value: Any) -> list:
+    """A list from one value, a sequence, or a comma-separated string (the CLI's convention)."""
     if value is None:
         return []
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
         return [value]
     return list(value)
 
@@ -54,7 +57,7 @@ def _as_list(value: Any) -> list:
 def _names(value: Any, what: str) -> tuple[str, ...]:
     items = []
     for v in _as_list(value):
-        items += [p.strip().lower() for p in str(v).split(",") if p.strip()]
+        items += [p.strip().lower() for p in str(v).split(",") if p.strip()]  # nested lists too
     if not items:
         raise ValueError(f"{what}: give at least one")
     return tuple(dict.fromkeys(items))
