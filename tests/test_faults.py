@@ -353,3 +353,30 @@ def test_alpha_message_talks_about_the_step_size():
     assert res.exit_code == 2
     error = res.output.splitlines()[-1]
     assert "--alpha" in error and "step size" in error and "eps" not in error
+
+
+def _quickstart_commands() -> list[list[str]]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split()[1:] for line in block.splitlines() if line.startswith("symensemble ")]
+
+
+def test_readme_quickstart_needs_no_development_paths(tmp_path, monkeypatch):
+    """The quickstart's commands run for a user anywhere: train downloads into the default
+    root, attack reads from it; no path that exists only in the development setup."""
+    commands = _quickstart_commands()
+    assert [c[0] for c in commands] == ["train", "attack"]
+    assert not any("shared" in arg or arg.startswith("..") for c in commands for arg in c)
+    asked = []
+
+    def fake_load(source=None, *, download=False, **kwargs):
+        asked.append((source, download))
+        raise DataError("stop here: no network in tests")
+
+    monkeypatch.setattr(train_mod, "load_cifar10", fake_load)
+    monkeypatch.chdir(tmp_path)  # train creates runs/ for its default --out
+    repo = Path(__file__).resolve().parent.parent
+    train_args = [str(repo / a) if a.startswith("recipes/") else a for a in commands[0]]
+    res = CliRunner().invoke(main, train_args)
+    assert res.exit_code == 2 and "stop here" in res.output, res.output
+    assert asked == [(None, True)]  # the default root, with --download
