@@ -163,8 +163,8 @@ def _tree_fingerprint(tree: Path, listing: dict[str, list[list[os.DirEntry]]]) -
     """Key of the decoded cache: the tree's path and every image's name, size, mtime and ctime.
 
     Folder timestamps miss an image rewritten in place; the ctime also catches one whose mtime
-    was set back (it cannot be set by the user). One stat per file: about 0.1 s for 60,000
-    files (benchmarks/data_fingerprint.py).
+    was set back (it cannot be set by the user). One stat per file: listing and key take about
+    0.5 s for the 60,000 files of CIFAR-10 on 2 busy cores (benchmarks/data_fingerprint.py).
     """
     lines = [str(tree.resolve())]
     for split, per_class in listing.items():
