@@ -43,7 +43,8 @@ def main() -> None:
     key = _median_seconds(lambda: data_mod._tree_fingerprint(tree, data_mod._scan_tree(tree)), args.repeats)
     load = _median_seconds(lambda: data_mod.load_cifar10(tree), args.repeats)
     print(json.dumps({"tree": str(tree), "files": files, "scan_seconds": round(scan, 4),
-                      "scan_and_key_seconds": round(key, 4), "cached_load_seconds": round(load, 4)}, indent=2))
+                      "scan_and_key_seconds": round(key, 4), "cached_load_seconds": round(load, 4)},
+                     indent=2))
 
 
 if __name__ == "__main__":
