@@ -33,6 +33,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "git_revision",
+    "non_finite_tensors",
+    "prepare_output",
 ]
 
 FORMAT = "symensemble-checkpoint"
@@ -66,6 +68,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def prepare_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check, before any work, that a run may write its checkpoint at ``path``.
+
+    Refuses an existing checkpoint unless the run continues it (``resume``) or may replace it
+    (``overwrite``), and proves the folder writable by creating and removing a probe file there
+    (creating the folder if needed) — so a bad path fails now, not after the first epoch.
+
+    Raises:
+        CheckpointError: bad suffix, an existing file without resume/overwrite, a folder in
+            the way, or a folder that cannot be created or written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
+    if resume and overwrite:
+        raise CheckpointError("--resume continues the run at --out and --overwrite replaces it; pass one")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a .safetensors file path")
+    if path.exists() and not (resume or overwrite):
+        raise CheckpointError(
+            f"{path} already exists; pass --resume to continue that run, --overwrite to replace it, "
+            "or another --out"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CheckpointError(f"cannot write a checkpoint in {path.parent}: {err.strerror or err}") from None
+    return path
+
+
 def git_revision() -> str:
     """The git commit of the source tree this package runs from, ``+dirty`` when it has
     uncommitted changes to tracked files, or ``"unknown"`` outside a git checkout."""
@@ -80,6 +115,15 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return revision + ("+dirty" if dirty else "")
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one reduction each)."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _name_list(keys: list[str]) -> str:
+    return f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"
 
 
 def save_checkpoint(
@@ -104,6 +148,11 @@ def save_checkpoint(
 
     Returns:
         The path written.
+
+    Raises:
+        CheckpointError: a model without ``model_name``, a path not ending in ``.safetensors``,
+            or weights (or training state) holding NaN or infinity — such a model answers
+            every input with garbage, so nothing is written and an existing file is kept.
     """
     if not getattr(model, "model_name", ""):
         raise CheckpointError(
@@ -113,6 +162,12 @@ def save_checkpoint(
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for key, value in (train_state or {}).items():
         tensors[TRAIN_STATE_PREFIX + key] = value.detach().cpu().contiguous()
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(
+            f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinity "
+            f"({_name_list(bad)}); the model diverged or was moved off its valid range"
+        )
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -218,8 +273,8 @@ def load_model(
         with_info: also return the checkpoint metadata (recipe, metrics, ...).
 
     Raises:
-        CheckpointError: the file is missing, corrupt, foreign, names an unknown model, or its
-            weights do not match the model it describes.
+        CheckpointError: the file is missing, corrupt, foreign, names an unknown model, its
+            weights do not match the model it describes, or they hold NaN or infinity.
     """
     tensors, info = read_checkpoint(path_or_name)
     name = info["model_name"]
@@ -239,11 +294,17 @@ def load_model(
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
         detail = "; ".join(
-            f"{label}: {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+            f"{label}: {_name_list(keys)}"
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         )
         raise CheckpointError(f"{info['path']}: weights do not match model {name!r} ({detail})")
+    bad = non_finite_tensors(state)
+    if bad:  # refused, not warned: NaN logits argmax to class 0 and give silent wrong accuracies
+        raise CheckpointError(
+            f"{info['path']}: {len(bad)} weight tensor(s) hold NaN or infinity ({_name_list(bad)}); "
+            "the run that wrote it diverged — retrain or use an earlier checkpoint"
+        )
     model.load_state_dict(state)
     model.to(device).eval()
     return (model, info) if with_info else model

@@ -14,12 +14,14 @@ DataLoader workers), as in airbench.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
 import shutil
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "CIFAR10_CLASSES",
     "DataError",
+    "SplitSizeError",
     "Split",
     "CIFAR10",
     "load_cifar10",
@@ -54,6 +57,10 @@ _LAYOUTS = (
 
 class DataError(ValueError):
     """A data source that is missing or does not have an accepted CIFAR-10 layout."""
+
+
+class SplitSizeError(DataError):
+    """A requested validation split that the training images found cannot provide."""
 
 
 @dataclass
@@ -122,75 +129,130 @@ def _class_folders(split_dir: Path) -> list[Path]:
     return folders
 
 
-def _tree_fingerprint(tree: Path) -> str:
-    """Cheap key for the decoded cache: path plus mtimes and sizes of the class folders."""
-    h = hashlib.sha1(str(tree.resolve()).encode())
+def _check_classes(split_dir: Path) -> None:
+    """Refuse anything but the ten CIFAR-10 class folders: a missing class would shift every
+    later label (a tree without "cat" turns class 3 into "deer") and give wrong numbers."""
+    names = {p.name for p in _class_folders(split_dir)}
+    missing = [c for c in CIFAR10_CLASSES if c not in names]
+    extra = sorted(names - set(CIFAR10_CLASSES))
+    if missing or extra:
+        raise DataError(
+            f"{split_dir} must hold exactly the 10 CIFAR-10 class folders {list(CIFAR10_CLASSES)}; "
+            f"missing: {missing or 'none'}; unexpected: {extra or 'none'}"
+        )
+
+
+def _scan_tree(tree: Path) -> dict[str, list[list[os.DirEntry]]]:
+    """The image files of train/ and test/, class by class in CIFAR-10 order, sorted by name."""
+    listing: dict[str, list[list[os.DirEntry]]] = {}
     for split in ("train", "test"):
-        for folder in _class_folders(tree / split):
-            st = folder.stat()
-            h.update(f"{split}/{folder.name}:{st.st_mtime_ns}:{st.st_size}".encode())
-    return h.hexdigest()[:16]
+        _check_classes(tree / split)
+        per_class = []
+        for name in CIFAR10_CLASSES:
+            with os.scandir(tree / split / name) as entries:
+                files = sorted((e for e in entries if os.path.splitext(e.name)[1].lower() in _IMAGE_SUFFIXES
+                                and e.is_file()), key=lambda e: e.name)
+            if not files:
+                raise DataError(f"class folder {tree / split / name} has no .png/.jpg images; {_LAYOUTS}")
+            per_class.append(files)
+        listing[split] = per_class
+    return listing
 
 
-def _decode_folder(split_dir: Path, classes: list[str]) -> Split:
-    """Decode every image of ``split_dir/<class>/`` (JPEGs in one batched call)."""
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        folder = split_dir / name
-        if not folder.is_dir():
-            raise DataError(f"{split_dir} lacks class folder {name!r} (train and test must match)")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise DataError(f"no .png/.jpg images under {split_dir}; {_LAYOUTS}")
+def _tree_fingerprint(tree: Path, listing: dict[str, list[list[os.DirEntry]]]) -> str:
+    """Key of the decoded cache: the tree's path and every image's name, size, mtime and ctime.
+
+    Folder timestamps miss an image rewritten in place; the ctime also catches one whose mtime
+    was set back (it cannot be set by the user). One stat per file: listing and key take about
+    0.5 s for the 60,000 files of CIFAR-10 on 2 busy cores (benchmarks/data_fingerprint.py).
+    """
+    lines = [str(tree.resolve())]
+    for split, per_class in listing.items():
+        for name, files in zip(CIFAR10_CLASSES, per_class):
+            lines.append(f"{split}/{name}")
+            lines += [f"{e.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+                      for e, st in ((e, e.stat()) for e in files)]
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _decode_split(split_dir: Path, per_class: list[list[os.DirEntry]]) -> Split:
+    """Decode every image of one split (JPEGs in one batched call); labels follow CIFAR-10 order."""
+    paths = [Path(e.path) for files in per_class for e in files]
+    labels = [label for label, files in enumerate(per_class) for _ in files]
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         images = _decode_files(paths)
-    shapes = {tuple(img.shape) for img in images}
-    if shapes != {(3, 32, 32)}:
-        raise DataError(f"images under {split_dir} must all be 32x32 RGB, found shapes {sorted(shapes)[:3]}")
+    wrong = next((i for i, img in enumerate(images) if tuple(img.shape) != (3, 32, 32)), None)
+    if wrong is not None:
+        raise DataError(
+            f"images under {split_dir} must all be 32x32 RGB; {paths[wrong]} has shape "
+            f"{tuple(images[wrong].shape[1:])} (H, W)"
+        )
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
-def _decode_files(paths: list[Path]) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+def _read_files(paths: list[Path]) -> list[torch.Tensor]:
+    from torchvision.io import read_file
 
-    raw = [read_file(str(p)) for p in paths]
+    raw = []
+    for p in paths:
+        try:
+            raw.append(read_file(str(p)))
+        except (RuntimeError, OSError) as err:
+            raise DataError(f"cannot read image file {p}: {err}") from None
+    return raw
+
+
+def _decode_files(paths: list[Path]) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    raw = _read_files(paths)
     is_jpeg = [p.suffix.lower() in {".jpg", ".jpeg"} for p in paths]
     decoded: list[torch.Tensor] = [torch.empty(0)] * len(paths)
+    jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
     try:
-        jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
         if jpeg_idx:
             batch = decode_jpeg([raw[i] for i in jpeg_idx], mode=ImageReadMode.RGB)
             for i, img in zip(jpeg_idx, batch):
                 decoded[i] = img
-        for i in (i for i, j in enumerate(is_jpeg) if not j):
-            decoded[i] = decode_image(raw[i], mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise DataError(f"cannot decode an image near {paths[0].parent.parent}: {err}") from None
+        _raise_for_bad_file([paths[i] for i in jpeg_idx], [raw[i] for i in jpeg_idx])
+        raise DataError(f"cannot decode the JPEGs under {paths[0].parent.parent}: {err}") from None
+    for i in (i for i, j in enumerate(is_jpeg) if not j):
+        try:
+            decoded[i] = decode_image(raw[i], mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            raise DataError(f"cannot decode image file {paths[i]}: {err}") from None
     return decoded
 
 
+def _raise_for_bad_file(paths: list[Path], raw: list[torch.Tensor]) -> None:
+    """After a batched JPEG decode failed, decode one by one to name the bad file (error path)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    for path, data in zip(paths, raw):
+        try:
+            decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            raise DataError(f"cannot decode image file {path}: {err}") from None
+
+
 def _load_tree(tree: Path) -> tuple[Split, Split, tuple[str, ...]]:
-    classes = [p.name for p in _class_folders(tree / "train")]
-    if sorted(classes) == sorted(CIFAR10_CLASSES):
-        classes = list(CIFAR10_CLASSES)
-    key = _tree_fingerprint(tree)
+    listing = _scan_tree(tree)
+    key = _tree_fingerprint(tree, listing)
     cache = _cache_dir() / "decoded" / f"tree-{key}.safetensors"
     if cache.is_file():
         try:
             t = load_file(str(cache))
             train = Split(t["train_images"], t["train_labels"])
-            return train, Split(t["test_images"], t["test_labels"]), tuple(classes)
+            return train, Split(t["test_images"], t["test_labels"]), CIFAR10_CLASSES
         except (SafetensorError, KeyError, OSError) as err:
             log.warning("ignoring unreadable decoded cache %s (%s)", cache, err)
     log.info("decoding images under %s (cached afterwards in %s)", tree, cache)
-    train = _decode_folder(tree / "train", classes)
-    test = _decode_folder(tree / "test", classes)
+    train = _decode_split(tree / "train", listing["train"])
+    test = _decode_split(tree / "test", listing["test"])
     _save_cache(cache, train, test)
-    return train, test, tuple(classes)
+    return train, test, CIFAR10_CLASSES
 
 
 def _save_cache(cache: Path, train: Split, test: Split) -> None:
@@ -207,31 +269,72 @@ def _save_cache(cache: Path, train: Split, test: Split) -> None:
         log.warning("could not write decoded cache %s (%s)", cache, err)
 
 
+#: Written into an extraction folder once the archive was read to its end and checked.
+_COMPLETE = ".extraction-complete"
+
+
+def _extract_verified(archive: Path, dest: Path) -> None:
+    """Extract ``archive`` into ``dest``, then read the stream to its very end.
+
+    tarfile stops silently at a damaged member header after the first (it takes it for the
+    end of the archive), and gzip checks its CRC and length only at the end of the stream; so
+    a corrupt archive would extract partly and look complete. Reading on to the end runs the
+    gzip check, and anything there but tar's zero padding means a header was damaged.
+    """
+    with archive.open("rb") as probe:
+        compressed = probe.read(2) == b"\x1f\x8b"
+    with (gzip.open(archive, "rb") if compressed else archive.open("rb")) as fh:
+        with tarfile.open(fileobj=fh, mode="r:") as tar:
+            tar.extractall(dest, filter="data")  # refuses absolute paths, links out of tree
+            end = tar.offset
+        fh.seek(end)
+        while chunk := fh.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                raise tarfile.ReadError(f"a damaged member header near byte {end} ended the listing early")
+
+
 def _extract_tarball(archive: Path) -> Path:
-    """Extract ``archive`` once into the cache folder and return the tree inside."""
+    """Extract ``archive`` once into the cache folder and return the tree inside.
+
+    Extraction goes to a temp folder that is renamed into place only after the whole archive
+    was verified (:func:`_extract_verified`) and holds a tree; on any failure it is removed.
+    """
     st = archive.stat()
     key = hashlib.sha1(f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     dest = _cache_dir() / "extracted" / key
-    tree = _find_tree(dest) if dest.is_dir() else None
+    tree = _find_tree(dest) if (dest / _COMPLETE).is_file() else None
     if tree is not None:
         return tree
     tmp = dest.with_name(f".{key}.{os.getpid()}.tmp")
     log.info("extracting %s into %s", archive, dest)
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of tree
-        if dest.exists():  # an earlier extraction without a usable tree: replace it
+        _extract_verified(archive, tmp)
+        if _find_tree(tmp) is None:
+            raise DataError(f"{archive} does not contain train/ and test/ class folders; {_LAYOUTS}")
+        (tmp / _COMPLETE).touch()
+        if dest.exists():  # an earlier, unfinished extraction (made before the marker existed)
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except (tarfile.TarError, OSError) as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if dest.is_dir() and _find_tree(dest) is not None:  # another process finished first
-            return _find_tree(dest)  # type: ignore[return-value]
-        raise DataError(f"cannot extract {archive}: {err}; {_LAYOUTS}") from None
-    tree = _find_tree(dest)
-    if tree is None:
-        raise DataError(f"{archive} does not contain train/ and test/ class folders; {_LAYOUTS}")
-    return tree
+        if isinstance(err, OSError) and (dest / _COMPLETE).is_file() and _find_tree(dest) is not None:
+            return _find_tree(dest)  # type: ignore[return-value]  # another process finished first
+        if isinstance(err, EOFError):
+            raise DataError(f"cannot extract {archive}: the archive is truncated ({err}); "
+                            "download it again") from None
+        if isinstance(err, (tarfile.TarError, OSError, zlib.error)):
+            raise DataError(f"cannot extract {archive}: the archive is corrupt or unreadable ({err}); "
+                            f"download it again; {_LAYOUTS}") from None
+        raise
+    return _find_tree(dest)  # type: ignore[return-value]
+
+
+def _extracted_trees() -> list[Path]:
+    """Trees completely extracted into the cache by earlier ``--data x.tar.gz`` runs, newest first."""
+    base = _cache_dir() / "extracted"
+    done = [p for p in base.iterdir() if (p / _COMPLETE).is_file()] if base.is_dir() else []
+    done.sort(key=lambda p: (p / _COMPLETE).stat().st_mtime_ns, reverse=True)
+    return [t for t in map(_find_tree, done) if t is not None]
 
 
 def _load_torchvision(root: Path, download: bool) -> tuple[Split, Split, tuple[str, ...]]:
@@ -265,9 +368,26 @@ def _resolve(source: str | os.PathLike | None, download: bool) -> tuple[Split, S
         if len(archives) == 1:
             return (*_load_tree(_extract_tarball(archives[0])), f"tarball:{archives[0].resolve()}")
     elif download:
-        root.mkdir(parents=True, exist_ok=True)
-        return (*_load_torchvision(root, True), f"torchvision:{root.resolve()}")
+        return _download_into_new_folder(root)
+    if source is None and "SYMENSEMBLE_DATA" not in os.environ:
+        extracted = _extracted_trees()  # what an earlier `--data x.tar.gz` left in the cache
+        if extracted:
+            log.info("no data at %s; using the tree extracted into the cache at %s", root, extracted[0])
+            return (*_load_tree(extracted[0]), f"folder:{extracted[0].resolve()}")
     raise DataError(f"no CIFAR-10 data found at {root}; {_LAYOUTS}")
+
+
+def _download_into_new_folder(root: Path) -> tuple[Split, Split, tuple[str, ...], str]:
+    """torchvision download into a folder that does not exist yet; removed again on failure."""
+    created = root
+    while not created.parent.exists():  # the topmost folder this call creates
+        created = created.parent
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return (*_load_torchvision(root, True), f"torchvision:{root.resolve()}")
+    except BaseException:
+        shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def load_cifar10(
@@ -287,11 +407,14 @@ def load_cifar10(
         seed: seed of the validation split.
 
     Raises:
-        DataError: missing or malformed source; the message lists the accepted layouts.
+        DataError: missing or malformed source (the message lists the accepted layouts), a
+            tree without exactly the 10 CIFAR-10 class folders, a truncated or corrupt archive,
+            or an image file that cannot be decoded (the message names it).
+        SplitSizeError: ``val_size`` is not below the number of training images.
     """
     train, test, classes, origin = _resolve(source, download)
     if not 0 <= val_size < len(train):
-        raise DataError(
+        raise SplitSizeError(
             f"val_size must be in [0, {len(train)}) for the {len(train)} training images found, "
             f"got {val_size} (use val_size=0 for no validation split)"
         )

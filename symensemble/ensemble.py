@@ -41,6 +41,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .inputs import check_model_input, require_finite
 from .symmetry.activations import Activation
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
 
@@ -183,6 +184,7 @@ def _as_images(images: Tensor | None) -> Tensor | None:
         return images.float().div_(255)
     if not torch.is_floating_point(images):
         raise ValueError(f"calibration_images must be uint8 or floating point, got {images.dtype}")
+    require_finite(images, "calibration_images")
     lo, hi = float(images.min()), float(images.max())
     if images.ndim == 4 and (lo < -1e-6 or hi > 1 + 1e-6):
         log.warning(
@@ -605,6 +607,7 @@ class SymmetryEnsemble(nn.Module):
         Shape:
             x (B, 3, H, W) → (B, C).
         """
+        check_model_input(self.base_model, x, "SymmetryEnsemble")
         mode = self._aggregate if aggregate is None else aggregate
         if mode not in AGGREGATES:
             raise ValueError(f"unknown aggregate {mode!r}; expected one of {list(AGGREGATES)}")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,35 @@ from .data import CIFAR10, Split, iterate_batches, load_cifar10
 from .models import SymModel, create_model
 from .recipe import Recipe, RecipeError
 
-__all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback"]
+__all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback",
+           "DivergenceError"]
 
 log = logging.getLogger(__name__)
 
 #: ``callback(model, epoch, metrics)`` runs after each epoch; it may add JSON-serializable
 #: entries to ``metrics`` (they are logged with the epoch).
 Callback = Callable[[SymModel, int, dict[str, Any]], None]
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; the last finished epoch's checkpoint is kept."""
+
+
+def _check_divergence(metrics: dict[str, Any], num_classes: int) -> None:
+    """Stop on a non-finite epoch loss (before its NaN weights are saved); warn on an exploding one.
+
+    A mean cross-entropy far above ln C (chance level) means the steps overshoot.
+    """
+    loss, epoch, chance = metrics["train_loss"], metrics["epoch"], math.log(num_classes)
+    if not math.isfinite(loss):
+        raise DivergenceError(
+            f"training diverged in epoch {epoch}: the loss is {loss}; the checkpoint of the last "
+            "finished epoch is kept (none if this was the first) — lower the learning rate"
+        )
+    if loss > 10 * chance:
+        warnings.warn(f"epoch {epoch}: training loss {loss:.3g} is far above chance level "
+                      f"(ln {num_classes} = {chance:.2f}); the run is diverging — lower the learning rate",
+                      stacklevel=3)
 
 
 @dataclass
@@ -250,6 +273,7 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {"epoch": epoch + 1}
         metrics.update(_train_epoch(model, opt, train_split, recipe, epoch, steps_per_epoch, progress))
+        _check_divergence(metrics, model.head.num_classes)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         metrics["train_seconds"] = time.perf_counter() - t0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from symensemble.data import CIFAR10, Split
+from symensemble.data import CIFAR10, CIFAR10_CLASSES, Split
 
 
 def make_split(n: int, num_classes: int = 3, seed: int = 0) -> Split:
@@ -36,7 +36,7 @@ def tiny_cifar() -> CIFAR10:
                    ("a", "b", "c"), "synthetic")
 
 
-def write_image_tree(root: Path, per_class: int = 3, classes=("cat", "dog"), fmt: str = "png",
+def write_image_tree(root: Path, per_class: int = 3, classes=CIFAR10_CLASSES, fmt: str = "png",
                      size: int = 32) -> Path:
     """Write train/<class>/ and test/<class>/ with random images; returns ``root``."""
     import warnings

@@ -14,12 +14,13 @@ from torchvision.io import write_png
 
 import symensemble as se
 from symensemble.cli import main
+from symensemble.data import CIFAR10_CLASSES
 from symensemble.recipe import load_evaluation_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = [f"class{i}" for i in range(10)]
+CLASSES = list(CIFAR10_CLASSES)  # the loader accepts only the CIFAR-10 class folders
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,22 @@ from .conftest import write_image_tree
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
 def test_folder_tree(tmp_path, isolated_cache, fmt):
-    root = write_image_tree(tmp_path / "tree", per_class=4, fmt=fmt)
+    root = write_image_tree(tmp_path / "tree", per_class=2, fmt=fmt)
     d = load_cifar10(root, val_size=2)
-    assert d.classes == ("cat", "dog")
-    assert d.train.images.shape == (6, 3, 32, 32) and d.train.images.dtype == torch.uint8
+    assert d.classes == data_mod.CIFAR10_CLASSES
+    assert d.train.images.shape == (18, 3, 32, 32) and d.train.images.dtype == torch.uint8
     assert d.val.images.shape == (2, 3, 32, 32)
-    assert d.test.labels.tolist() == [0] * 4 + [1] * 4
+    assert d.test.labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert d.source.startswith("folder:")
     if fmt == "png":  # lossless: the decoded pixels are exactly those written
         from torchvision.io import decode_png, read_file
 
-        first = decode_png(read_file(str(root / "test" / "cat" / "0000.png")))
-        assert torch.equal(d.test.images[0], first)
+        cat = decode_png(read_file(str(root / "test" / "cat" / "0000.png")))
+        assert torch.equal(d.test.images[2 * 3], cat)  # cat is class 3
 
 
 def test_parent_folder_and_cache(tmp_path, isolated_cache):
-    write_image_tree(tmp_path / "parent" / "cifar", per_class=2)
+    write_image_tree(tmp_path / "parent" / "cifar", per_class=1)
     d1 = load_cifar10(tmp_path / "parent", val_size=1)
     assert list((isolated_cache / "decoded").glob("*.safetensors"))
     t = time.perf_counter()
@@ -43,12 +43,12 @@ def test_parent_folder_and_cache(tmp_path, isolated_cache):
 
 
 def test_tarball(tmp_path, isolated_cache):
-    tree = write_image_tree(tmp_path / "src" / "cifar10-jpeg", per_class=2, fmt="jpg")
+    tree = write_image_tree(tmp_path / "src" / "cifar10-jpeg", per_class=1, fmt="jpg")
     archive = tmp_path / "data.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree, arcname="cifar10-jpeg")
     d = load_cifar10(archive, val_size=1)
-    assert len(d.train) + len(d.val) == 4 and len(d.test) == 4
+    assert len(d.train) + len(d.val) == 10 and len(d.test) == 10
     assert d.source.startswith("tarball:")
     assert load_cifar10(archive, val_size=1).train.images.equal(d.train.images)
 
@@ -79,7 +79,7 @@ def test_torchvision_root(tmp_path, monkeypatch, isolated_cache):
 
 
 def test_validation_split_is_deterministic(tiny_cifar, tmp_path, isolated_cache):
-    write_image_tree(tmp_path / "t", per_class=5)
+    write_image_tree(tmp_path / "t", per_class=1)
     a, b = load_cifar10(tmp_path / "t", val_size=3, seed=7), load_cifar10(tmp_path / "t", val_size=3, seed=7)
     assert torch.equal(a.val.images, b.val.images)
     c = load_cifar10(tmp_path / "t", val_size=3, seed=8)
@@ -115,7 +115,7 @@ def test_corrupt_tarball(tmp_path, isolated_cache):
 
 def test_bad_val_size(tmp_path, isolated_cache):
     write_image_tree(tmp_path / "t", per_class=1)
-    with pytest.raises(DataError, match="val_size"):
+    with pytest.raises(data_mod.SplitSizeError, match="val_size"):
         load_cifar10(tmp_path / "t", val_size=10)
 
 

@@ -78,10 +78,11 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> flo
         return None
     try:
         alpha = parse_eps(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err).replace("eps", "alpha"), ctx, param) from None
+    except ValueError:
+        alpha = -1.0  # parse_eps's message talks about eps; the step size gets its own below
     if alpha <= 0:
-        raise click.BadParameter(f"must be > 0, got {value!r}", ctx, param)
+        raise click.BadParameter(f"must be > 0 and <= 1: the step size in pixel units of images in [0, 1] "
+                                 f"(a number or a fraction like 2/255); got {value!r}", ctx, param)
     return alpha
 
 

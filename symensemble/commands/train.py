@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import CheckpointError
-from ..data import DataError
+from ..checkpoint import CheckpointError, prepare_output, read_checkpoint
+from ..data import DataError, SplitSizeError
 from ..recipe import RecipeError, load_recipe
 
 
@@ -19,6 +19,20 @@ def _first_q_total(log_path: Path) -> float | None:
     except (OSError, ValueError, KeyError):
         return None
     return next((e["q"]["total"] for e in epochs if isinstance(e.get("q"), dict)), None)
+
+
+def _interrupted_hint(out: Path, saved: bool) -> str:
+    """What Ctrl-C left behind: the epoch saved at ``out`` and how to continue from it."""
+    try:
+        if not saved:
+            raise CheckpointError("no epoch of this run finished")
+        _, info = read_checkpoint(out)
+    except CheckpointError:
+        return f"Interrupted before the first epoch finished; this run saved nothing at {out}."
+    if info["extra"].get("complete"):
+        return f"Interrupted; {out} holds a finished run of {info['epoch']} epochs."
+    return (f"Interrupted; {out} holds the last finished epoch ({info['epoch']}). Run the same command "
+            "with --resume to continue from there.")
 
 
 @click.command("train", short_help="Train a CIFAR-10 model from a recipe.")
@@ -37,29 +51,36 @@ def _first_q_total(log_path: Path) -> float | None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint path (.safetensors) [default: runs/<model>-<act>-h<h>-seed<s>.safetensors].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
 @click.option("--record-q", is_flag=True, help="Record the head's conserved quantities Q every epoch.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | None, seed: int | None,
             lr: float | None, batch_size: int | None, device: str, out: Path | None, resume: bool,
-            record_q: bool, quiet: bool) -> None:
+            overwrite: bool, record_q: bool, quiet: bool) -> None:
     """Train the model described by --recipe; options override recipe values.
 
-    The checkpoint is written atomically after every epoch, metrics to <out>.log.json.
+    The checkpoint is written atomically after every epoch, metrics to <out>.log.json. An
+    existing --out is refused unless --resume or --overwrite is given.
     """
-    from ..train import default_out, format_metrics, log_path_for, resolve_device, train
+    from ..train import DivergenceError, default_out, format_metrics, log_path_for, resolve_device, train
 
     try:
         recipe = load_recipe(recipe_path).replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
     except RecipeError as err:
         raise click.BadParameter(str(err), param_hint="--recipe") from None
-    if out is not None and out.suffix != ".safetensors":
-        raise click.BadParameter(f"must end in .safetensors, got {str(out)!r}", param_hint="--out")
+    out = out or default_out(recipe)
+    try:  # before any training: an existing or unwritable --out would lose the work
+        prepare_output(out, resume=resume, overwrite=overwrite)
+    except CheckpointError as err:
+        raise click.BadParameter(str(err), param_hint="--out") from None
     callbacks = []
     if record_q:
         from ..diagnostics import QRecorder
 
-        log_path = log_path_for(out or default_out(recipe))
+        log_path = log_path_for(out)
         callbacks.append(QRecorder(baseline=_first_q_total(log_path) if resume else None))
+    finished: list[int] = []  # epochs this invocation finished, for the Ctrl-C hint
+    callbacks.append(lambda model, epoch, metrics: finished.append(epoch + 1))
     if not quiet:
         callbacks.append(lambda model, epoch, metrics: click.echo(
             f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True))
@@ -70,10 +91,17 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     try:
         result = train(recipe, data=data, out=out, device=dev, resume=resume, download=download,
                        callbacks=callbacks, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(_interrupted_hint(out, bool(finished) or resume), err=True)
+        raise click.Abort() from None
+    except SplitSizeError as err:
+        raise click.UsageError(f"recipe {recipe_path}: {err}") from None
     except DataError as err:
         raise click.BadParameter(str(err), param_hint="--data") from None
     except (CheckpointError, RecipeError) as err:
         raise click.UsageError(str(err)) from None
+    except DivergenceError as err:
+        raise click.ClickException(str(err)) from None
     final = result.history[-1] if result.history else {}
     click.echo(f"checkpoint: {result.checkpoint}")
     click.echo(f"metrics:    {result.log_path}")

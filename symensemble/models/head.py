@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inputs import check_model_input
 from ..symmetry.activations import Activation, create_activation
 
 __all__ = ["SymHead", "SymModel"]
@@ -75,11 +76,15 @@ class SymModel(nn.Module):
 
     Attributes:
         model_name: registry name; ``model_args`` the constructor arguments (for checkpoints).
+        image_size: the input side the model was built for (None: any), checked on forward.
+        input_range: the pixel range it expects; inputs outside it give a warning.
     """
 
     head: SymHead
     model_name: str = ""
     model_args: dict[str, Any]
+    image_size: int | None = None
+    input_range: tuple[float, float] = (0.0, 1.0)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features entering the head, (B, d), from images (B, 3, H, W) in [0, 1]."""
@@ -100,4 +105,5 @@ class SymModel(nn.Module):
         return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_model_input(self, x)
         return self.head(self.embed(x))

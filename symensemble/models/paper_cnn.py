@@ -36,6 +36,7 @@ class PaperCNN(SymModel):
         image_size: int = 32,
     ) -> None:
         super().__init__()
+        self.image_size = image_size
         self.normalize = Normalize()
         self.conv = nn.Conv2d(3, channels, kernel_size=3, padding=1)
         self.conv_act = nn.LeakyReLU(conv_slope)

@@ -60,6 +60,7 @@ class TimmSymModel(SymModel):
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"timm cannot build architecture {arch!r}: {err}") from None
         _cifar_stem(self.backbone)
+        self.image_size = (timm_kwargs or {}).get("img_size", 32)  # CIFAR-10 unless told otherwise
         self.head = SymHead(self.backbone.num_features, hidden, num_classes, act, act_kwargs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
