@@ -24,7 +24,7 @@ def make_split(n: int, num_classes: int = 3, seed: int = 0) -> Split:
 def one_thread():
     """Run the test on one intra-op thread: tiny batched LAPACK calls and two-layer loops are
     faster that way and immune to a busy machine (a 5 ms batched SVD took 2 s on 2 busy cores)."""
-    from symensemble.diagnostics.common import single_thread
+    from symensemble.runtime import single_thread
 
     with single_thread():
         yield

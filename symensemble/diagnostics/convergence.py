@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
+from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q_terms, orbit_scale_for_target
 from ..symmetry.linear import group_kind_for_activation
-from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, single_thread
+from .common import TwoLayerProblem, log_spaced_steps
 
 __all__ = [
     "q_controlled_init",
@@ -341,13 +343,12 @@ def convergence_radial(
 
 def plot_convergence(result: dict[str, Any], path) -> None:
     """Figure 6 (one panel per activation) or Figure 7 (radial): loss against steps per Q."""
-    plt = pyplot()
     res = result["results"]
     if "targets" in res:  # radial
         panels = {"radial (Prop. G.2)": res}
     else:
         panels = res
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
     for ax, (title, r) in zip(axes[0], panels.items(), strict=True):
         for i, q in enumerate(r.get("Q0", r["targets"])):
             ax.plot(r["steps"], r["loss"][i], label=f"Q={round(q, 6):.3g}")

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
+from ..runtime import single_thread
 from ..symmetry.conserved import elementwise_q_terms
-from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, single_thread
+from .common import TwoLayerProblem, log_spaced_steps
 
 __all__ = ["DEFAULT_ACTIVATIONS", "DEFAULT_LRS", "q_dynamics", "plot_q_dynamics"]
 
@@ -174,9 +176,8 @@ def q_dynamics(
 
 def plot_q_dynamics(result: dict[str, Any], path) -> None:
     """Figure 3: ΔQ̃ (top) and loss (bottom) against steps, one column per activation."""
-    plt = pyplot()
     names = list(result["results"])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 5.2), sharex="col", squeeze=False)
+    fig, axes = new_figure(2, len(names), figsize=(3.6 * len(names), 5.2), sharex="col", squeeze=False)
     for j, name in enumerate(names):
         res = result["results"][name]
         steps = res["steps"]

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
+from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q
 from ..symmetry.linear import (
@@ -36,7 +38,7 @@ from ..symmetry.linear import (
     group_kind_for_activation,
     orbit_dimension_formula,
 )
-from .common import TwoLayerProblem, pyplot, save_figure, single_thread
+from .common import TwoLayerProblem
 
 __all__ = [
     "full_hessian",
@@ -380,9 +382,8 @@ def one_dimensional_example(
 
 def plot_hessian(result: dict[str, Any], path) -> None:
     """Figure 9: histograms of the nonzero Hessian eigenvalues per activation, one per Q."""
-    plt = pyplot()
     names = list(result["results"])
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
+    fig, axes = new_figure(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         runs = result["results"][name]["runs"]
         spectra = []
