@@ -306,30 +306,11 @@ def flattest_scales(
         )
 
     info["top_before"] = top(torch.zeros_like(logc))
-    best, f_best, evals, step = logc.clone(), top(logc), 2, 0.5
+    best, f_best = logc.clone(), top(logc)
     info["top_at_trace_optimum"] = f_best
     if f_best > info["top_before"]:
         best, f_best = torch.zeros_like(logc), info["top_before"]
-    h = logc.numel()
-    bar = tqdm(total=max_evals, desc="flattest (top eigenvalue)", disable=not progress)
-    bar.update(evals)
-    while evals < max_evals and step > 1e-3:
-        improved = False
-        for k in range(h):
-            for sign in (1.0, -1.0):
-                if evals >= max_evals:
-                    break
-                trial = best.clone()
-                trial[k] += sign * step
-                f = top(trial)
-                evals += 1
-                bar.update(1)
-                if f < f_best:
-                    best, f_best, improved = trial, f, True
-                    break
-        if not improved:
-            step /= 2
-    bar.close()
+    best, f_best, evals = _pattern_search(top, best, f_best, max_evals, progress)
     c = torch.exp(best)
     info.update(
         {
@@ -339,6 +320,35 @@ def flattest_scales(
         }
     )
     return c, info
+
+
+def _pattern_search(
+    f: Any, best: torch.Tensor, f_best: float, max_evals: int, progress: bool, evals: int = 2
+) -> tuple[torch.Tensor, float, int]:
+    """Coordinate pattern search minimizing ``f`` from ``best``: try ±step on each coordinate,
+    move on the first improvement, halve the step when none improves; stops after ``max_evals``
+    evaluations (``evals`` already spent) or below step 1e-3. Returns (best, f(best), evals)."""
+    step = 0.5
+    bar = tqdm(total=max_evals, desc="flattest (top eigenvalue)", disable=not progress)
+    bar.update(evals)
+    while evals < max_evals and step > 1e-3:
+        improved = False
+        for k in range(best.numel()):
+            for sign in (1.0, -1.0):
+                if evals >= max_evals:
+                    break
+                trial = best.clone()
+                trial[k] += sign * step
+                value = f(trial)
+                evals += 1
+                bar.update(1)
+                if value < f_best:
+                    best, f_best, improved = trial, value, True
+                    break
+        if not improved:
+            step /= 2
+    bar.close()
+    return best, f_best, evals
 
 
 def teleport(
