@@ -32,12 +32,8 @@ from ..plotting import new_figure, save_figure
 from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q
-from ..symmetry.linear import (
-    LinearSymmetry,
-    StackParams,
-    group_kind_for_activation,
-    orbit_dimension_formula,
-)
+from ..symmetry.linear import LinearSymmetry, group_kind_for_activation, orbit_dimension_formula
+from ..symmetry.stack import StackParams
 from .common import TwoLayerProblem
 
 __all__ = [
@@ -161,7 +157,7 @@ def _orbit_info(act: str, h: int, n: int, m: int, U: torch.Tensor, V: torch.Tens
     except ValueError:
         return {"group": None, "orbit_dim": 0, "orbit_dim_formula": 0}
     sym = LinearSymmetry.for_activations([a], [h])
-    params = StackParams((V, U), (None, None))
+    params = StackParams.two_layer(U, V)
     return {
         "group": sym.groups[0].name,
         "orbit_dim": sym.orbit_dimension(params),  # closed-form Gram spectrum, O(h³)

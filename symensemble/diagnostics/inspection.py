@@ -17,13 +17,13 @@ from ..plotting import new_figure, save_figure
 from ..symmetry.conserved import imbalance, unit_q, unit_q_terms
 from ..symmetry.linear import (
     LinearSymmetry,
-    StackParams,
     group_kind_for_activation,
     module_layers,
     orbit_dimension_formula,
     paper_orbit_dimension,
     stack_params,
 )
+from ..symmetry.stack import StackParams
 
 __all__ = ["head_stack", "head_q_summary", "inspect_model", "plot_inspection"]
 

@@ -45,12 +45,12 @@ from ..symmetry.conserved import homogeneous_q, orbit_scale_for_target, unit_q_t
 from ..symmetry.linear import (
     HiddenGroup,
     LinearSymmetry,
-    StackParams,
     group_kind_for_activation,
     load_stack_params,
     module_layers,
     stack_forward,
 )
+from ..symmetry.stack import StackParams
 from .common import run_header, sigma_derivatives, write_result
 from .hessian import hvp_fn, lanczos
 from .inspection import head_stack
@@ -188,7 +188,7 @@ def hessian_trace_terms(
     Shape:
         features (N, d), labels (N,) → A (h,), B (h,), const ().
     """
-    V, b, U, bU = params.weights[0], params.biases[0], params.weights[1], params.biases[1]
+    V, b, U, bU = params.V, params.b_V, params.U, params.b_U
     X = features.to(params.dtype)
     Z = X @ V.T + (0 if b is None else b)
     S, d1, d2 = sigma_derivatives(act, Z)
@@ -233,8 +233,7 @@ def reduce_features(params: StackParams, features: torch.Tensor) -> tuple[StackP
     if N >= d:
         return params, X
     Q, _ = torch.linalg.qr(X.T)  # (d, N)
-    V = params.weights[0]
-    reduced = StackParams((V @ Q, params.weights[1]), params.biases)
+    reduced = StackParams((params.V @ Q, params.U), params.biases)
     return reduced, X @ Q
 
 
