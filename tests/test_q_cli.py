@@ -16,7 +16,7 @@ from symensemble.commands.q import command as q
 from symensemble.diagnostics.inspection import head_q_summary
 from symensemble.models import create_model
 
-from .conftest import SHIPPED, real_cifar_root, write_image_tree
+from .conftest import SHIPPED, real_cifar_root, synthetic_cifar, write_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,7 +226,8 @@ def test_teleport_bad_inputs(tmp_path):
 
 
 def test_teleport_flattest_with_eval_on_a_tiny_image_tree(tmp_path, isolated_cache):
-    root = write_image_tree(tmp_path / "tree", per_class=12, classes=("cat", "dog", "ship"))
+    data = synthetic_cifar(36, 36, 0, num_classes=3, classes=("cat", "dog", "ship"))
+    root = write_tree(tmp_path / "tree", data)
     ckpt = _checkpoint(tmp_path)
     out = tmp_path / "flat.safetensors"
     res = run(
