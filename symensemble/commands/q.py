@@ -44,8 +44,10 @@ def _activations(default: tuple[str, ...], help: str = "Hidden activation(s).") 
 
 
 def _run_study(command: str, name: str, out: Path | None, settings: dict[str, Any],
-               compute: Callable[[], dict[str, Any]], plot: Callable, lines: Callable) -> None:
-    """Run a study, write its JSON and figure, print its summary; ValueError → usage error."""
+               compute: Callable[[], dict[str, Any]], plot: Callable, lines: Callable,
+               q_definition: str | None = None) -> None:
+    """Run a study, write its JSON (with the ``q_definition`` it used) and figure, print its
+    summary; a ValueError becomes a usage error."""
     from ..diagnostics.common import run_header, write_result
     from ..io import default_run_dir
 
@@ -53,6 +55,8 @@ def _run_study(command: str, name: str, out: Path | None, settings: dict[str, An
         result = compute()
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if q_definition is not None:
+        result["q_definition"] = q_definition
     folder = out or default_run_dir(f"q-{command}")
     header = run_header(f"symensemble q {command}", settings)
     json_path, png_path = write_result(folder / f"{name}.json", header, result, plot)
@@ -108,13 +112,10 @@ def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -
     from ..diagnostics.dynamics import plot_q_dynamics, q_dynamics
     from ..diagnostics.summary import dynamics_lines
 
-    settings = dict(activations=activations, lrs=lrs, steps=steps, m=m, h=h, n=n, init_std=init_std,
-                    seed=seed)
-    kw = {k: v for k, v in settings.items() if k not in ("activations", "lrs")}
-    _run_study("dynamics", "dynamics", out, settings,
-               lambda: {**q_dynamics(activations, lrs, progress=not quiet, **kw),
-                        "q_definition": "eq. 47: Q = 1/2 Tr U^T U - sum int_0^V sigma/sigma'"},
-               plot_q_dynamics, dynamics_lines)
+    kw = dict(steps=steps, m=m, h=h, n=n, init_std=init_std, seed=seed)
+    _run_study("dynamics", "dynamics", out, dict(activations=activations, lrs=lrs, **kw),
+               lambda: q_dynamics(activations, lrs, progress=not quiet, **kw), plot_q_dynamics,
+               dynamics_lines, "eq. 47: Q = 1/2 Tr U^T U - sum int_0^V sigma/sigma'")
 
 
 @command.command("distribution", short_help="Figs. 4-5: Q at initialization vs E[Q] = m - h.")
@@ -138,10 +139,9 @@ def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
     configs = list(configs) or list(DEFAULT_CONFIGS)
     settings = dict(configs=configs, inits=inits, samples=samples, seed=seed)
     _run_study("distribution", "distribution", out, settings,
-               lambda: {**q_distribution(configs, inits, samples=samples, seed=seed, progress=not quiet),
-                        "q_definition": "2 x eq. 47: Q = Tr U^T U - 2 sum int_0^V sigma/sigma' "
-                                        "(eq. 46 scale)"},
-               plot_q_distribution, distribution_lines)
+               lambda: q_distribution(configs, inits, samples=samples, seed=seed, progress=not quiet),
+               plot_q_distribution, distribution_lines,
+               "2 x eq. 47: Q = Tr U^T U - 2 sum int_0^V sigma/sigma' (eq. 46 scale)")
 
 
 @command.command("convergence", short_help="Figs. 6-7: loss curves from inits with chosen Q.")
@@ -169,18 +169,12 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
              "threshold": threshold}
     kw: dict[str, Any] = {"seed": seed, **{k: v for k, v in given.items() if v is not None}}
     settings = {"kind": kind, **({"activations": activations} if kind == "elementwise" else {}), **kw}
-    radial = "radial: Q = sum_i lambda_i = Tr[U^T U + V^T V] (eqs. 70-71)"
-    q_definition = radial if kind == "radial" else "eq. 47"
-
-    def compute() -> dict[str, Any]:
-        if kind == "radial":
-            result = convergence_radial(progress=not quiet, **kw)
-        else:
-            result = convergence_elementwise(activations, progress=not quiet, **kw)
-        return {**result, "q_definition": q_definition}
-
-    _run_study("convergence", f"convergence-{kind}", out, settings, compute, plot_convergence,
-               convergence_lines)
+    radial = kind == "radial"
+    _run_study("convergence", f"convergence-{kind}", out, settings,
+               lambda: convergence_radial(progress=not quiet, **kw) if radial
+               else convergence_elementwise(activations, progress=not quiet, **kw),
+               plot_convergence, convergence_lines,
+               "radial: Q = sum_i lambda_i = Tr[U^T U + V^T V] (eqs. 70-71)" if radial else "eq. 47")
 
 
 @command.command("hessian", short_help="Fig. 9: Hessian spectra at minima vs Q; orbit dimension.")
@@ -206,13 +200,10 @@ def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, se
     from ..diagnostics.hessian import hessian_study, plot_hessian
     from ..diagnostics.summary import hessian_lines
 
-    settings = dict(activations=activations, init_stds=init_stds, m=m, h=h, n=n, lr=lr, steps=steps,
-                    method=method, zero_tol=zero_tol, seed=seed)
-    kw = {k: v for k, v in settings.items() if k not in ("activations", "init_stds")}
-    _run_study("hessian", "hessian", out, settings,
-               lambda: {**hessian_study(activations, init_stds, progress=not quiet, **kw),
-                        "q_definition": "eq. 47 at initialization"},
-               plot_hessian, hessian_lines)
+    kw = dict(m=m, h=h, n=n, lr=lr, steps=steps, method=method, zero_tol=zero_tol, seed=seed)
+    _run_study("hessian", "hessian", out, dict(activations=activations, init_stds=init_stds, **kw),
+               lambda: hessian_study(activations, init_stds, progress=not quiet, **kw), plot_hessian,
+               hessian_lines, "eq. 47 at initialization")
 
 
 @command.command("teleport", short_help="Move a model along its orbit to a chosen Q or flatness.")

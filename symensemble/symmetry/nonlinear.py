@@ -268,9 +268,7 @@ def equivariance(g: Tensor, z: Tensor, sigma: ActivationFn) -> Tensor:
         g (..., h, h), z (..., h) → (..., h, h).
     """
     _check_square(g, z.shape[-1])
-    a, b = sigma(z), sigma(_matvec(g, z))
-    _check_locus(a, "σ(z)")
-    _check_locus(b, "σ(gz)")
+    a, b = _sigma_pair(g, z, sigma, "σ(z)", "σ(gz)")
     return R_matrix(b) @ R_inverse(a)
 
 
@@ -339,10 +337,17 @@ def nonlinear_action(
 
 def _inverse_equivariance(g: Tensor, z: Tensor, sigma: ActivationFn) -> Tensor:
     """c(g, z)⁻¹ = R_{σ(z)} R_{σ(gz)}⁻¹ with the locus checks."""
-    a, b = sigma(z), sigma(_matvec(g, z))
-    _check_locus(a, "σ(Vx)")
-    _check_locus(b, "σ(gVx)")
+    a, b = _sigma_pair(g, z, sigma, "σ(Vx)", "σ(gVx)")
     return R_matrix(a) @ R_inverse(b)
+
+
+def _sigma_pair(g: Tensor, z: Tensor, sigma: ActivationFn, what_z: str, what_gz: str
+                ) -> tuple[Tensor, Tensor]:
+    """(σ(z), σ(gz)), refusing a zero vector in either (off the non-degenerate locus)."""
+    a, b = sigma(z), sigma(_matvec(g, z))
+    _check_locus(a, what_z)
+    _check_locus(b, what_gz)
+    return a, b
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,9 +399,8 @@ def nonlinear_action_multilayer(
         if z_prev is None:
             right = W
         else:
-            a, bvec = acts[i - 2](z_prev), acts[i - 2](_matvec(g_prev, z_prev))
-            _check_locus(a, f"σ_{i - 1}(Z_{i - 1})")
-            _check_locus(bvec, f"σ_{i - 1}(g_{i - 1} Z_{i - 1})")
+            a, bvec = _sigma_pair(g_prev, z_prev, acts[i - 2], f"σ_{i - 1}(Z_{i - 1})",
+                                  f"σ_{i - 1}(g_{i - 1} Z_{i - 1})")
             right = W @ (R_matrix(a) @ R_inverse(bvec))
         new_w.append(right if g is None else g @ right)
         new_b.append(None if b is None else (b if g is None else _matvec(g, b)))
@@ -412,12 +416,7 @@ def _check_multilayer(
 ) -> list[ActivationFn]:
     """Validate the arguments of :func:`nonlinear_action_multilayer`; returns the activations."""
     L = params.num_layers
-    acts = list(activations)
-    if len(acts) not in (L - 1, L):
-        raise ValueError(
-            f"{L} layers need {L - 1} hidden activations (optionally plus an output one), "
-            f"got {len(acts)}"
-        )
+    acts = params.check_activations(activations)
     if len(gs) != L - 1:
         raise ValueError(
             f"an MLP with {L} layers has {L - 1} hidden layers and needs one g per hidden layer, "
@@ -473,9 +472,7 @@ def lipschitz_bound(
     h = V.shape[-2]
     _check_square(g, h)
     z = _matvec(V, x) if b_V is None else _matvec(V, x) + b_V
-    a, b = sigma(z), sigma(_matvec(g, z))
-    _check_locus(a, "σ(Vx)")
-    _check_locus(b, "σ(gVx)")
+    a, b = _sigma_pair(g, z, sigma, "σ(Vx)", "σ(gVx)")
     op = torch.linalg.matrix_norm
     ratio = torch.linalg.vector_norm(a, dim=-1) / torch.linalg.vector_norm(b, dim=-1)
     return eta * op(U, ord=2) * op(V, ord=2) * op(g, ord=2) * ratio

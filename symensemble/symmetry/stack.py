@@ -164,13 +164,7 @@ class StackParams:
         Shape:
             x (..., n_0) → (..., n_L) (batch dims of x and of batched weights broadcast).
         """
-        L = self.num_layers
-        acts = list(activations)
-        if len(acts) not in (L - 1, L):
-            raise ValueError(
-                f"{L} layers need {L - 1} hidden activations (optionally plus an output one), "
-                f"got {len(acts)}"
-            )
+        acts = self.check_activations(activations)
         h = x
         for i, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = _matvec(W, h)
@@ -179,6 +173,18 @@ class StackParams:
             if i < len(acts):
                 h = acts[i](h)
         return h
+
+    def check_activations(
+        self, activations: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """``activations`` as a list after checking there are L − 1 or L of them."""
+        L, acts = self.num_layers, list(activations)
+        if len(acts) not in (L - 1, L):
+            raise ValueError(
+                f"{L} layers need {L - 1} hidden activations (optionally plus an output one), "
+                f"got {len(acts)}"
+            )
+        return acts
 
     # -- modules --------------------------------------------------------------------------------
     @classmethod
@@ -330,29 +336,3 @@ class StackParams:
                 torch.randn(widths[i + 1], generator=generator, dtype=dtype) * s if flags[i] else None
             )
         return cls(tuple(weights), tuple(biases))
-
-
-def stack_forward(params: StackParams, activations: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The feedforward function F_θ(x) of App. C.2, with no output activation.
-
-    Args:
-        params: θ with L layers.
-        activations: σ_1 … σ_{L−1} (callables on (…, n_i) tensors).
-        x: inputs.
-
-    Shape:
-        x (B, n_0) → (B, n_L).
-    """
-    if len(activations) != params.num_layers - 1:
-        raise ValueError(
-            f"a stack of {params.num_layers} layers needs {params.num_layers - 1} hidden "
-            f"activations, got {len(activations)}"
-        )
-    h = x
-    for i, (W, b) in enumerate(zip(params.weights, params.biases, strict=True)):
-        h = h @ W.T
-        if b is not None:
-            h = h + b
-        if i < len(activations):
-            h = activations[i](h)
-    return h
