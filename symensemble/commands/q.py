@@ -14,21 +14,9 @@ from typing import Any
 
 import click
 
-from .options import (
-    Item,
-    data_option,
-    list_option,
-    number,
-    one_of,
-    out_dir_option,
-    quiet_option,
-    seed_option,
-    widths_options,
-)
+from . import options as opt
 
 _POINTWISE = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
-
-
 _positive = click.FloatRange(min=0, min_open=True)
 
 
@@ -39,8 +27,8 @@ def _config(text: str) -> tuple[int, int, int, str]:
 
 
 def _activations(default: tuple[str, ...], help: str = "Hidden activation(s).") -> Callable:
-    return list_option("--activation", "activations", item=one_of(_POINTWISE), what="activation",
-                       default=default, help=help)
+    return opt.list_option("--activation", "activations", item=opt.one_of(_POINTWISE), what="activation",
+                           default=default, help=help)
 
 
 def _run_study(command: str, name: str, out: Path | None, settings: dict[str, Any],
@@ -72,7 +60,7 @@ def command() -> None:
 
 @command.command("inspect", short_help="Q of every hidden layer of a trained model.")
 @click.argument("checkpoint")
-@out_dir_option("runs/q-inspect-<timestamp>")
+@opt.out_dir_option("runs/q-inspect-<timestamp>")
 def inspect_cmd(checkpoint: str, out: Path | None) -> None:
     """Report the head's conserved quantities Q_k = |V_k|^2 + b_k^2 - alpha |U_k|^2 per hidden
     unit (or the full imbalance matrix of a linear head), its symmetry group and orbit dimension.
@@ -95,16 +83,16 @@ def inspect_cmd(checkpoint: str, out: Path | None) -> None:
 
 @command.command("dynamics", short_help="Fig. 3: Q under gradient descent; Prop. E.1 bound.")
 @_activations(("identity", "relu", "sigmoid", "tanh"))
-@list_option("--lr", "lrs", item=number(positive=True), what="learning rate", default=(0.1, 0.01, 0.001),
-             help="Learning rate(s).")
+@opt.list_option("--lr", "lrs", item=opt.number(positive=True), what="learning rate",
+                 default=(0.1, 0.01, 0.001), help="Learning rate(s).")
 @click.option("--steps", type=click.IntRange(min=1), default=100_000, show_default=True,
         help="Gradient-descent steps (the paper: 400000).")
-@widths_options(m=5, h=50, n=10)
+@opt.widths_options(m=5, h=50, n=10)
 @click.option("--init-std", type=_positive, default=0.1, show_default=True,
               help="Std of the initial U, V entries.")
-@seed_option
-@out_dir_option("runs/q-dynamics-<timestamp>")
-@quiet_option
+@opt.seed_option
+@opt.out_dir_option("runs/q-dynamics-<timestamp>")
+@opt.quiet_option
 def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -> None:
     """Train W = U sigma(V) (whitened input) with several learning rates and record
     dQ~(t) (eq. 42) and the loss; check |Q_{t+1} - Q_t| <= lr^2 |dL/dt| (Prop. E.1) at every
@@ -119,17 +107,18 @@ def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -
 
 
 @command.command("distribution", short_help="Figs. 4-5: Q at initialization vs E[Q] = m - h.")
-@click.option("--config", "configs", type=Item(_config, "m,h,n,act"), multiple=True, default=None,
+@click.option("--config", "configs", type=opt.Item(_config, "m,h,n,act"), multiple=True, default=None,
               help="m,h,n,activation to sample (repeat the option for several) [default: the paper's "
               "Figs. 4-5: 100,100,100 / 100,200,100 / 200,100,100 identity; 100,100,100 relu, tanh, "
               "sigmoid].")
-@list_option("--init", "inits", item=one_of(("xavier", "glorot", "kaiming")), what="initialization",
-             default=("xavier", "kaiming"), help="Initialization(s); xavier = the paper's N(0, 1/fan_in).")
+@opt.list_option("--init", "inits", item=opt.one_of(("xavier", "glorot", "kaiming")), what="initialization",
+                 default=("xavier", "kaiming"),
+                 help="Initialization(s); xavier = the paper's N(0, 1/fan_in).")
 @click.option("--samples", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Initializations per configuration.")
-@seed_option
-@out_dir_option("runs/q-distribution-<timestamp>")
-@quiet_option
+@opt.seed_option
+@opt.out_dir_option("runs/q-distribution-<timestamp>")
+@opt.quiet_option
 def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
     """Sample Q = Tr U^T U - 2 sum int_0^V sigma/sigma' (= Tr[U^T U - V V^T] for sigma = id)
     over initializations and compare the mean with E[Q] (eq. 46; quadrature for nonlinear sigma)."""
@@ -148,17 +137,17 @@ def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
 @click.option("--kind", type=click.Choice(["elementwise", "radial"]), default="radial", show_default=True,
               help="Fig. 6 (W = U sigma(V)) or Fig. 7 / Prop. G.2 (radial).")
 @_activations(("identity", "relu", "tanh", "sigmoid"), "Activations for --kind elementwise.")
-@list_option("--target", "targets", item=number(positive=False), what="target Q",
-             help="Initial Q to reach exactly [default: -10,-2,0,2,10 elementwise; 0.25,0.5,1,2 radial].")
+@opt.list_option("--target", "targets", item=opt.number(positive=False), what="target Q",
+                 help="Initial Q to reach exactly [default: -10,-2,0,2,10 elementwise; 0.25,0.5,1,2 radial].")
 @click.option("--lr", type=_positive, default=None,
               help="Learning rate [default: 0.01 elementwise (mean loss), 1e-5 radial].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
         help="Gradient-descent steps [default: 20000 elementwise, 100000 radial].")
 @click.option("--threshold", type=_positive, default=None,
               help="Converged when L <= threshold * L(0) [default: 1e-4 elementwise, 1e-6 radial].")
-@seed_option
-@out_dir_option("runs/q-convergence-<timestamp>")
-@quiet_option
+@opt.seed_option
+@opt.out_dir_option("runs/q-convergence-<timestamp>")
+@opt.quiet_option
 def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out, quiet) -> None:
     """Move one initialization along its symmetry orbit to each target Q (same function, same
     initial loss) and train by gradient descent; report the steps to converge per Q."""
@@ -179,9 +168,9 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
 
 @command.command("hessian", short_help="Fig. 9: Hessian spectra at minima vs Q; orbit dimension.")
 @_activations(("identity", "relu", "tanh", "sigmoid"))
-@list_option("--init-std", "init_stds", item=number(positive=True), what="init std",
-             default=(0.001, 0.3, 0.6, 0.9), help="Std(s) of the initial entries, which set Q.")
-@widths_options(m=10, h=50, n=5)
+@opt.list_option("--init-std", "init_stds", item=opt.number(positive=True), what="init std",
+                 default=(0.001, 0.3, 0.6, 0.9), help="Std(s) of the initial entries, which set Q.")
+@opt.widths_options(m=10, h=50, n=5)
 @click.option("--lr", type=_positive, default=0.1, show_default=True,
               help="Learning rate (mean squared error, as the paper's code).")
 @click.option("--steps", type=click.IntRange(min=1), default=10_000, show_default=True,
@@ -190,9 +179,9 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
               help="Dense Hessian (all eigenvalues) or Lanczos (top ones).")
 @click.option("--zero-tol", type=_positive, default=1e-3, show_default=True,
               help="|eigenvalue| <= zero-tol counts as zero.")
-@seed_option
-@out_dir_option("runs/q-hessian-<timestamp>")
-@quiet_option
+@opt.seed_option
+@opt.out_dir_option("runs/q-hessian-<timestamp>")
+@opt.quiet_option
 def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, seed, out, quiet) -> None:
     """Train W = U sigma(V) from inits with different Q, take the Hessian of ||Y - W||^2 at the
     end, and count the near-zero eigenvalues against the symmetry orbit dimension (Prop. C.3);
@@ -209,15 +198,15 @@ def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, se
 @command.command("teleport", short_help="Move a model along its orbit to a chosen Q or flatness.")
 @click.argument("checkpoint")
 @click.option("--target", type=float, default=None, help="Target total Q = sum_k Q_k of the head.")
-@list_option("--unit-targets", "unit_targets", item=number(positive=False), what="target", unique=False,
-             help="Target Q_k per hidden unit (h numbers).")
+@opt.list_option("--unit-targets", "unit_targets", item=opt.number(), what="target", unique=False,
+                 help="Target Q_k per hidden unit (h numbers).")
 @click.option("--flattest", type=click.Choice(["trace", "top"]), default=None,
               help="Go to the orbit point with the smallest head Hessian trace (exact) or top "
               "eigenvalue (Lanczos + pattern search) on training data.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="New checkpoint (.safetensors) [default: runs/q-teleport-<timestamp>/<name>-<mode>"
               ".safetensors]; JSON and PNG are written next to it.")
-@data_option
+@opt.data_option
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Measure test loss and accuracy before and after (needs the data).")
 @click.option("--samples", type=click.IntRange(min=16), default=512, show_default=True,
@@ -228,8 +217,8 @@ def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, se
               help="Lanczos iterations per top-eigenvalue evaluation.")
 @click.option("--tol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
               help="Largest relative change of test loss/accuracy accepted.")
-@seed_option
-@quiet_option
+@opt.seed_option
+@opt.quiet_option
 def teleport_cmd(checkpoint, target, unit_targets, flattest, out, data, do_eval, samples, max_evals,
                  lanczos_iters, tol, seed, quiet) -> None:
     """Apply g = diag(c) to the head (V_k -> c_k V_k, b_k -> c_k b_k, U_k -> c_k^-alpha U_k):
