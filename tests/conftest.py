@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from symensemble.data import CIFAR10, Split
+from symensemble.data import CIFAR10, CIFAR10_CLASSES, Split
 
 
 def synthetic_cifar(n_train: int = 100, n_test: int = 60, n_val: int = 20, *, num_classes: int = 10,
@@ -22,7 +22,8 @@ def synthetic_cifar(n_train: int = 100, n_test: int = 60, n_val: int = 20, *, nu
     One random template per class; each image is 0.55·template + 0.45·uniform noise (in [0, 1],
     stored ×255 as uint8); labels are class-ordered, n // num_classes per class. Templates, then
     the train, val and test splits are drawn from one generator seeded with ``seed``, so the
-    same arguments give the same data everywhere (``write_tree`` puts it on disk).
+    same arguments give the same data everywhere (``write_tree`` puts it on disk; the folder
+    loader accepts only the ten CIFAR-10 class names, the default ``classes``).
     """
     gen = torch.Generator().manual_seed(seed)
     templates = torch.rand(num_classes, 3, size, size, generator=gen)
@@ -33,7 +34,7 @@ def synthetic_cifar(n_train: int = 100, n_test: int = 60, n_val: int = 20, *, nu
         images = (0.55 * templates[labels] + 0.45 * noise) * 255
         return Split(images.round().to(torch.uint8), labels)
 
-    names = tuple(classes) if classes is not None else tuple(f"c{i}" for i in range(num_classes))
+    names = tuple(classes) if classes is not None else CIFAR10_CLASSES[:num_classes]
     return CIFAR10(split(n_train), split(n_val), split(n_test), names, "synthetic")
 
 

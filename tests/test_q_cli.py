@@ -226,8 +226,7 @@ def test_teleport_bad_inputs(tmp_path):
 
 
 def test_teleport_flattest_with_eval_on_a_tiny_image_tree(tmp_path, isolated_cache):
-    data = synthetic_cifar(36, 36, 0, num_classes=3, classes=("cat", "dog", "ship"))
-    root = write_tree(tmp_path / "tree", data)
+    root = write_tree(tmp_path / "tree", synthetic_cifar(n_train=40, n_test=40, n_val=0))
     ckpt = _checkpoint(tmp_path)
     out = tmp_path / "flat.safetensors"
     res = run(
