@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from . import __version__
+from .io import atomic_write_bytes, atomic_write_text
 from .models import SymModel, create_model, list_models
+from .runtime import git_revision
 
 __all__ = [
     "CheckpointError",
@@ -45,27 +46,6 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt, foreign or does not match its model."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomic text write (UTF-8); see :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def prepare_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -99,22 +79,6 @@ def prepare_output(path: str | os.PathLike, *, resume: bool = False, overwrite: 
     except OSError as err:
         raise CheckpointError(f"cannot write a checkpoint in {path.parent}: {err.strerror or err}") from None
     return path
-
-
-def git_revision() -> str:
-    """The git commit of the source tree this package runs from, ``+dirty`` when it has
-    uncommitted changes to tracked files, or ``"unknown"`` outside a git checkout."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=_PACKAGE_ROOT, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-
-    try:
-        revision = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return revision + ("+dirty" if dirty else "")
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:

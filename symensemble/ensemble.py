@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from .inputs import check_model_input, require_finite
 from .symmetry.activations import Activation
+from .symmetry.stack import StackParams
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
 
 __all__ = ["SymmetryEnsemble", "HeadParts", "TRANSFORMS", "AGGREGATES"]
@@ -58,7 +59,11 @@ _DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 @dataclass
 class HeadParts:
-    """The pieces of a model an ensemble needs: H = V(embed(x)), logits = U(act(H)).
+    """Where a model's head lives: H = V(embed(x)), logits = U(act(H)).
+
+    The live modules are kept (they move, train and save with the model, and the forward
+    stays the model's own); their weights are read as the package's one layer-stack
+    representation, :meth:`params` (a two-layer :class:`~symensemble.symmetry.stack.StackParams`).
 
     Attributes:
         embed: images (B, ...) → features (B, d) entering V.
@@ -79,6 +84,11 @@ class HeadParts:
     @property
     def num_classes(self) -> int:
         return self.U.out_features
+
+    def params(self, dtype: torch.dtype | None = torch.float64, device: torch.device | str | None = None
+               ) -> StackParams:
+        """Detached copies of (V, b_V, U, b_U) as a two-layer stack (float64 by default)."""
+        return StackParams.from_linears((self.V, self.U), dtype=dtype, device=device)
 
 
 _ELEMENTWISE = (
@@ -478,8 +488,7 @@ class SymmetryEnsemble(nn.Module):
         """
         if seed is not None:
             self._generator.manual_seed(int(seed))
-        U = self._parts.U
-        U64 = U.weight.detach().to("cpu", torch.float64)
+        U64 = self._parts.params(device="cpu").U
         hidden = None
         if self.member_transform.uses_calibration:
             G, s, h = self._num_members, self._samples_per_member, self.hidden_features
@@ -506,11 +515,10 @@ class SymmetryEnsemble(nn.Module):
 
     def _store(self, draw: MemberDraw) -> None:
         device = _model_device(self.base_model)
-        U = self._parts.U
-        bias = U.bias if U.bias is not None else torch.zeros(U.out_features)
+        bias = self._parts.params(dtype=None).b_U
         self.g = _buffer(draw.g, device)
         self.W = _buffer(draw.W, device)
-        self.b = _buffer(bias.detach(), device)
+        self.b = _buffer(torch.zeros(self.num_classes) if bias is None else bias, device)
         self.condition = None if draw.condition is None else _buffer(draw.condition, device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SymmetryEnsemble:

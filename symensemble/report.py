@@ -490,8 +490,10 @@ def _robustbench_files(result: EvaluationResult) -> dict[str, str]:
                       and c.threat == r.threat), None)
         if clean is None:
             continue
-        stem = r.transform if r.num_members is None else f"{r.transform}_G{r.num_members}_eps{r.ensemble_eps:g}"
-        files[f"robustbench_{stem}.json"] = json.dumps(robustbench_info(result, r, clean), indent=2) + "\n"
+        stem = r.transform if r.num_members is None else (
+            f"{r.transform}_G{r.num_members}_eps{r.ensemble_eps:g}")
+        info = robustbench_info(result, r, clean)
+        files[f"robustbench_{stem}.json"] = json.dumps(info, indent=2) + "\n"
     return files
 
 

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .symmetry.linear import HiddenGroup, LinearSymmetry, StackParams, stack_forward, transform_module
+from .symmetry.linear import HiddenGroup, LinearSymmetry, stack_forward, transform_module
+from .symmetry.stack import StackParams
 
 __all__ = [
     "TOLERANCES",

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny synthetic CIFAR-like data, image trees on disk, the real data if present."""
+"""Shared fixtures: tiny synthetic CIFAR-like data, image trees on disk, the real data if present.
+
+Synthetic data: :func:`synthetic_cifar` (class templates + noise, learnable) is the generator for
+new tests, with :func:`write_tree` to put it on disk as a class-folder tree.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def make_split(n: int, num_classes: int = 3, seed: int = 0) -> Split:
 def one_thread():
     """Run the test on one intra-op thread: tiny batched LAPACK calls and two-layer loops are
     faster that way and immune to a busy machine (a 5 ms batched SVD took 2 s on 2 busy cores)."""
-    from symensemble.diagnostics.common import single_thread
+    from symensemble.runtime import single_thread
 
     with single_thread():
         yield
@@ -79,3 +83,52 @@ def real_cifar_root() -> str | None:
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic CIFAR-like world (learnable): the one generator for new tests. make_split above
+# (mean colour) backs the tiny_cifar fixture of test_train/test_data, write_image_tree (pure
+# noise) the loader tests, where content does not matter.
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_cifar(n_train: int = 100, n_test: int = 60, n_val: int = 20, *, num_classes: int = 10,
+                    seed: int = 0, size: int = 32, classes: tuple[str, ...] | None = None) -> CIFAR10:
+    """The tests' synthetic CIFAR-like world: learnable, class-dependent uint8 images.
+
+    One random template per class; each image is 0.55·template + 0.45·uniform noise (in [0, 1],
+    stored ×255 as uint8); labels are class-ordered, n // num_classes per class. Templates, then
+    the train, val and test splits are drawn from one generator seeded with ``seed``, so the
+    same arguments give the same data everywhere (``write_tree`` puts it on disk; the folder
+    loader accepts only the ten CIFAR-10 class names, the default ``classes``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    templates = torch.rand(num_classes, 3, size, size, generator=gen)
+
+    def split(n: int) -> Split:
+        labels = torch.arange(num_classes).repeat_interleave(n // num_classes)  # class-ordered
+        noise = torch.rand(len(labels), 3, size, size, generator=gen)
+        images = (0.55 * templates[labels] + 0.45 * noise) * 255
+        return Split(images.round().to(torch.uint8), labels)
+
+    names = tuple(classes) if classes is not None else CIFAR10_CLASSES[:num_classes]
+    return CIFAR10(split(n_train), split(n_val), split(n_test), names, "synthetic")
+
+
+def write_tree(root: Path, data: CIFAR10, fmt: str = "png") -> Path:
+    """Write ``data``'s train and test splits as a class-folder tree root/<split>/<class>/<i>.<fmt>."""
+    import warnings
+
+    from torchvision.io import encode_jpeg, encode_png
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs; these are test inputs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, split in (("train", data.train), ("test", data.test)):
+            counts: dict[int, int] = {}
+            for img, label in zip(split.images, split.labels.tolist(), strict=True):
+                i = counts[label] = counts.get(label, -1) + 1
+                folder = root / name / data.classes[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                encoded = encode_png(img) if fmt == "png" else encode_jpeg(img, quality=90)
+                (folder / f"{i}.{fmt}").write_bytes(encoded.numpy().tobytes())
+    return root

@@ -31,7 +31,6 @@ from symensemble.diagnostics.common import (
     dsigma,
     log_spaced_steps,
     sigma_derivatives,
-    to_jsonable,
 )
 from symensemble.diagnostics.distribution import expected_antiderivative
 from symensemble.diagnostics.hessian import full_hessian
@@ -43,6 +42,7 @@ from symensemble.diagnostics.teleport import (
     scale_params,
     unit_scales_for_q,
 )
+from symensemble.io import to_jsonable
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation
 from symensemble.symmetry.conserved import elementwise_q, homogeneous_q

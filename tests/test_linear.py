@@ -269,3 +269,33 @@ def test_lie_closure_error_is_zero_for_the_groups_and_catches_a_non_algebra():
     assert group_axiom_errors(sym, params)["lie_closed"] > 0.4
     with pytest.raises(AssertionError, match="lie_closed"):
         assert_group_axioms(sym, params)
+
+
+def test_stack_params_is_the_one_layer_stack():
+    gen = torch.Generator().manual_seed(5)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    params = StackParams.from_linears([mlp[0], mlp[2]])
+    x = torch.randn(7, 3, generator=gen, dtype=F64)
+    torch.testing.assert_close(params.forward(x, [torch.tanh]), mlp(x), atol=1e-14, rtol=0)
+    torch.testing.assert_close(stack_forward(params, [torch.tanh], x), mlp(x), atol=1e-14, rtol=0)
+    # two-layer head accessors, output activation, copying back into modules
+    assert params.V is params.weights[0] and params.U is params.weights[1]
+    assert params.b_V is params.biases[0] and params.b_U is params.biases[1]
+    out = params.forward(x, [torch.tanh, torch.sigmoid])
+    torch.testing.assert_close(out, torch.sigmoid(mlp(x)), atol=1e-14, rtol=0)
+    other = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    params.copy_to([other[0], other[2]])
+    torch.testing.assert_close(other(x), mlp(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="two-layer head"):
+        _ = StackParams.random((3, 4, 4, 2)).U
+    with pytest.raises(ValueError, match="hidden activations"):
+        params.forward(x, [])
+    # a batch of stacks (one per data point) evaluates as the loop over its members
+    scale = torch.linspace(0.5, 1.5, 5, dtype=F64)
+    batch = params.map(lambda t: scale.view(5, *([1] * t.ndim)) * t)  # weights (5, n_i, n_i-1)
+    xb = torch.randn(5, 3, generator=gen, dtype=F64)
+    member = [StackParams(tuple(W[k] for W in batch.weights), tuple(b[k] for b in batch.biases))
+              for k in range(5)]
+    expected = torch.stack([m.forward(xb[k], [torch.tanh]) for k, m in enumerate(member)])
+    torch.testing.assert_close(batch.forward(xb, [torch.tanh]), expected, atol=1e-14, rtol=0)
+    assert batch.widths == (3, 4, 2) and StackParams(params.weights).has_bias == (False, False)

@@ -14,12 +14,12 @@ from symensemble.symmetry.nonlinear import (
     R_matrix,
     equivariance,
     lipschitz_bound,
-    mlp_forward,
     nonlinear_action,
     nonlinear_action_multilayer,
     pi_matrix,
     right_pinv_solve,
 )
+from symensemble.symmetry.stack import StackParams
 
 F64 = torch.float64
 
@@ -40,6 +40,22 @@ def randn(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
 
 def random_g(*batch: int, h: int, scale: float = 0.5, seed: int = 0) -> torch.Tensor:
     return torch.linalg.matrix_exp(scale * randn(*batch, h, h, seed=seed) / math.sqrt(h))
+
+
+def mlp_forward(weights, biases, x, activations):
+    return StackParams(weights, biases).forward(x, activations)
+
+
+def action(*args, **kwargs):
+    """nonlinear_action as the (U', V', b_V') triple the checks below compare."""
+    new = nonlinear_action(*args, **kwargs)
+    return new.U, new.V, new.b_V
+
+
+def multilayer_action(weights, biases, *args, **kwargs):
+    """nonlinear_action_multilayer on StackParams(weights, biases), as (weights', biases') lists."""
+    new = nonlinear_action_multilayer(StackParams(weights, biases), *args, **kwargs)
+    return list(new.weights), list(new.biases)
 
 
 def forward(U, V, x, sigma, b_V=None, b_U=None):
@@ -190,7 +206,7 @@ def test_nonlinear_action_preserves_output_at_x(name):
     U, V, b_V, b_U = two_layer()
     x = randn(20, 5, seed=11)
     g = random_g(20, h=6, scale=1.5, seed=12)
-    U2, V2, b2 = nonlinear_action(U, V, x, g, sigma, b_V=b_V)
+    U2, V2, b2 = action(U, V, x, g, sigma, b_V=b_V)
     assert U2.shape == (20, 3, 6) and V2.shape == (20, 6, 5) and b2.shape == (20, 6)
     torch.testing.assert_close(V2, g @ V)
     err = (forward(U2, V2, x, sigma, b2, b_U) - forward(U, V, x, sigma, b_V, b_U)).abs().max()
@@ -218,14 +234,14 @@ def test_nonlinear_action_group_axioms(name):
     U, V, b_V, _ = two_layer(seed=20)
     x = randn(8, 5, seed=21)
     eye = torch.eye(6, dtype=F64).expand(8, 6, 6)
-    U1, V1, b1 = nonlinear_action(U, V, x, eye, sigma, b_V=b_V)
+    U1, V1, b1 = action(U, V, x, eye, sigma, b_V=b_V)
     torch.testing.assert_close(U1, U.expand_as(U1), atol=1e-12, rtol=0)
     torch.testing.assert_close(V1, V.expand_as(V1), atol=1e-12, rtol=0)
     torch.testing.assert_close(b1, b_V.expand_as(b1), atol=1e-12, rtol=0)
     g1, g2 = random_g(8, h=6, scale=1.0, seed=22), random_g(8, h=6, scale=1.0, seed=23)
     step = nonlinear_action(U, V, x, g2, sigma, b_V=b_V)
-    Ua, Va, ba = nonlinear_action(step.U, step.V, x, g1, sigma, b_V=step.b_V)
-    Ub, Vb, bb = nonlinear_action(U, V, x, g1 @ g2, sigma, b_V=b_V)
+    Ua, Va, ba = action(step.U, step.V, x, g1, sigma, b_V=step.b_V)
+    Ub, Vb, bb = action(U, V, x, g1 @ g2, sigma, b_V=b_V)
     torch.testing.assert_close(Ua, Ub, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(Va, Vb, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(ba, bb, atol=1e-10, rtol=1e-10)
@@ -289,7 +305,7 @@ def test_lipschitz_bound_holds_on_sampled_pairs(name):
     x = randn(5, seed=41)
     for seed in range(5):
         g = random_g(h=6, scale=2.0, seed=42 + seed)
-        U2, V2, b2 = nonlinear_action(U, V, x, g, sigma, b_V=b_V)
+        U2, V2, b2 = action(U, V, x, g, sigma, b_V=b_V)
         bound = lipschitz_bound(U, V, x, g, sigma, b_V=b_V)
         x1, x2 = randn(400, 5, seed=50 + seed), randn(400, 5, seed=60 + seed)
         x2 = x1 + torch.logspace(-4, 1, 400, dtype=F64).unsqueeze(-1) * (x2 - x1)
@@ -338,7 +354,7 @@ def test_multilayer_action_preserves_output_and_axioms():
     x = randn(6, 5, seed=80)
     hidden = [7, 6, 4]
     gs = [random_g(6, h=n, scale=1.5, seed=81 + i) for i, n in enumerate(hidden)]
-    W2, b2 = nonlinear_action_multilayer(Ws, bs, x, gs, acts)
+    W2, b2 = multilayer_action(Ws, bs, x, gs, acts)
     assert (mlp_forward(W2, b2, x, acts) - mlp_forward(Ws, bs, x, acts)).abs().max() <= 1e-10
     # Z_i ↦ g_i Z_i for the hidden layers.
     z1 = (Ws[0] @ x.unsqueeze(-1)).squeeze(-1) + bs[0]
@@ -346,16 +362,16 @@ def test_multilayer_action_preserves_output_and_axioms():
     torch.testing.assert_close(z1_new, (gs[0] @ z1.unsqueeze(-1)).squeeze(-1))
     # Identity axiom.
     eyes = [torch.eye(n, dtype=F64).expand(6, n, n) for n in hidden]
-    W1, b1 = nonlinear_action_multilayer(Ws, bs, x, eyes, acts)
+    W1, b1 = multilayer_action(Ws, bs, x, eyes, acts)
     for a, b in zip(W1, Ws, strict=True):
         torch.testing.assert_close(a, b.expand_as(a), atol=1e-12, rtol=0)
     for a, b in zip(b1, bs, strict=True):
         torch.testing.assert_close(a, b.expand_as(a), atol=1e-12, rtol=0)
     # Composition axiom.
     hs = [random_g(6, h=n, scale=1.0, seed=90 + i) for i, n in enumerate(hidden)]
-    Wa, ba = nonlinear_action_multilayer(W2, b2, x, hs, acts)
+    Wa, ba = multilayer_action(W2, b2, x, hs, acts)
     products = [p @ q for p, q in zip(hs, gs, strict=True)]
-    Wb, bb = nonlinear_action_multilayer(Ws, bs, x, products, acts)
+    Wb, bb = multilayer_action(Ws, bs, x, products, acts)
     for a, b in zip(Wa + ba, Wb + bb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
@@ -364,17 +380,17 @@ def test_multilayer_action_without_biases_and_errors():
     Ws, _ = mlp(widths=(4, 5, 3))
     act = [create_activation("tanh")]
     x = randn(4, seed=5)
-    W2, b2 = nonlinear_action_multilayer(Ws, None, x, [random_g(h=5)], act)
+    W2, b2 = multilayer_action(Ws, None, x, [random_g(h=5)], act)
     assert b2 == [None, None]
     assert (mlp_forward(W2, None, x, act) - mlp_forward(Ws, None, x, act)).abs().max() <= 1e-10
     with pytest.raises(ValueError, match="one g per hidden layer"):
-        nonlinear_action_multilayer(Ws, None, x, [], act)
+        multilayer_action(Ws, None, x, [], act)
     with pytest.raises(ValueError, match="vanishes"):
-        nonlinear_action_multilayer(Ws, None, x, [random_g(h=5)], [nn.ReLU()])
+        multilayer_action(Ws, None, x, [random_g(h=5)], [nn.ReLU()])
     with pytest.raises(ValueError, match="hidden activations"):
-        nonlinear_action_multilayer(Ws, None, x, [random_g(h=5)], [])
+        multilayer_action(Ws, None, x, [random_g(h=5)], [])
     with pytest.raises(ValueError, match="non-degenerate locus"):
-        nonlinear_action_multilayer(Ws, None, torch.zeros(4, dtype=F64), [random_g(h=5)], act)
+        multilayer_action(Ws, None, torch.zeros(4, dtype=F64), [random_g(h=5)], act)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from symensemble.commands.q import command as q
 from symensemble.diagnostics.inspection import head_q_summary
 from symensemble.models import create_model
 
-from .conftest import SHIPPED, real_cifar_root, write_image_tree
+from .conftest import SHIPPED, real_cifar_root, synthetic_cifar, write_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,7 +226,7 @@ def test_teleport_bad_inputs(tmp_path):
 
 
 def test_teleport_flattest_with_eval_on_a_tiny_image_tree(tmp_path, isolated_cache):
-    root = write_image_tree(tmp_path / "tree", per_class=4)
+    root = write_tree(tmp_path / "tree", synthetic_cifar(n_train=40, n_test=40, n_val=0))
     ckpt = _checkpoint(tmp_path)
     out = tmp_path / "flat.safetensors"
     res = run(
@@ -270,3 +270,29 @@ def test_teleport_shipped_checkpoint_keeps_test_loss_and_accuracy(tmp_path):
     ev = data["evaluation"]
     assert ev["equal"] and ev["rel_loss_change"] <= 1e-5 and ev["rel_accuracy_change"] <= 1e-5
     assert math.isclose(head_q_summary(load_model(out))["total"], target, rel_tol=1e-5, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("target, match", [("1e308", "too far along the orbit"), ("1e80", "overflow"),
+                                           ("-1e308", "too far along the orbit")])
+def test_teleport_refuses_non_finite_results_and_writes_nothing(tmp_path, target, match):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "far" / "moved.safetensors"
+    res = run(["teleport", str(ckpt), "--target", target, "--no-eval", "--out", str(out)], ok=False)
+    assert res.exit_code == 2 and match in res.output
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_lists_are_comma_separated_or_repeated_and_output_defaults_to_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps", "20", "--h", "4", "--quiet"]
+    run(["dynamics", "--activation", "identity,tanh", "--lr", "0.1,0.01", *common, "--out", "a"])
+    run(["dynamics", "--activation", "identity", "--activation", "tanh", "--lr", "0.1", "--lr", "0.01",
+         *common, "--out", "b"])
+    a, b = (json.loads((tmp_path / d / "dynamics.json").read_text()) for d in ("a", "b"))
+    assert a["settings"] == b["settings"] and a["results"] == b["results"]
+    assert a["settings"]["activations"] == ["identity", "tanh"] and a["settings"]["lrs"] == [0.1, 0.01]
+    res = run(["dynamics", "--activation", "identity,radial"], ok=False)
+    assert res.exit_code == 2 and "'radial' is not one of" in res.output
+    run(["inspect", str(_checkpoint(tmp_path))])
+    (folder,) = (tmp_path / "runs").glob("q-inspect-*")
+    assert _outputs(folder, "tiny-leaky_relu")["command_line"]

@@ -8,7 +8,8 @@ claim and whether the run reproduced it) and has a ``plot_*`` function writing t
 * :func:`q_distribution` — Figures 4–5, eq. 46 (Q at initialization).
 * :func:`convergence_elementwise`, :func:`convergence_radial` — Figures 6–7, Prop. G.2.
 * :func:`hessian_study`, :func:`one_dimensional_example` — Figure 9, Prop. C.3, eq. 83.
-* :func:`inspect_model`, :func:`teleport` — Q of a trained head; moving it along its orbit.
+* :func:`inspect_model`, :func:`teleport` — Q of a trained head; moving it along its orbit;
+  :func:`teleport_checkpoint` — the same from a checkpoint file to a new one (``q teleport``).
 * :class:`QRecorder` — training callback recording the head's Q every epoch.
 """
 
@@ -25,7 +26,14 @@ from .hessian import (
     one_dimensional_example,
 )
 from .inspection import head_q_summary, inspect_model
-from .teleport import flattest_scales, head_hessian_trace, teleport, unit_scales_for_q
+from .teleport import (
+    TeleportRun,
+    flattest_scales,
+    head_hessian_trace,
+    teleport,
+    teleport_checkpoint,
+    unit_scales_for_q,
+)
 
 __all__ = [
     "QRecorder",
@@ -47,5 +55,7 @@ __all__ = [
     "flattest_scales",
     "head_hessian_trace",
     "teleport",
+    "teleport_checkpoint",
+    "TeleportRun",
     "unit_scales_for_q",
 ]

@@ -9,21 +9,17 @@ rates or initializations train side by side in one vectorized loop.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import platform
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import __version__
-from ..checkpoint import atomic_write_text, git_revision
+from ..io import write_json
+from ..runtime import provenance
 from ..symmetry.activations import Activation, create_activation
 
 __all__ = [
@@ -33,11 +29,8 @@ __all__ = [
     "rk4_step",
     "gradient_flow",
     "log_spaced_steps",
-    "to_jsonable",
-    "write_json",
-    "save_figure",
     "run_header",
-    "single_thread",
+    "write_result",
 ]
 
 _REDUCTIONS = ("mean", "sum", "half")
@@ -154,21 +147,6 @@ class TwoLayerProblem:
         return loss, G @ S.transpose(-1, -2), (U.transpose(-1, -2) @ G) * dsigma(self.act, V)
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread inside the block (restored after).
-
-    The two-layer experiments step through tiny tensors hundreds of thousands of times; there
-    thread hand-offs cost more than the arithmetic (about 2.5x on two cores).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def rk4_step(grad: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
     """One classical Runge–Kutta step of the gradient flow ẋ = −∇L(x) (eq. 10)."""
     k1 = grad(x)
@@ -223,69 +201,31 @@ def log_spaced_steps(total: int, num: int = 400) -> list[int]:
     return sorted({0, total, *lin, *log})
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Tensors, numpy scalars, tuples and paths → plain JSON values; non-finite floats → None."""
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu()
-        return to_jsonable(obj.item() if obj.ndim == 0 else obj.tolist())
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item"):
-        return to_jsonable(obj.item())
-    return str(obj)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
-    return path
-
-
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG atomically (temp file + ``os.replace``) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+# ----------------------------------------------------------------------------------------------
+# Result files
+# ----------------------------------------------------------------------------------------------
 
 
 def run_header(command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Provenance written with every result: command, settings, versions, git revision."""
-    return {
-        "command": command,
-        "settings": dict(settings),
-        "symensemble_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "git_revision": git_revision(),
-    }
+    """Provenance written with every result: command, settings, versions, git revision,
+    command line (:func:`symensemble.runtime.provenance`)."""
+    return {"command": command, "settings": dict(settings), **provenance()}
 
 
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
+def write_result(
+    json_path: str | os.PathLike,
+    header: Mapping[str, Any],
+    result: Mapping[str, Any],
+    plot: Callable[[Mapping[str, Any], Path], None] | None = None,
+) -> tuple[Path, Path | None]:
+    """Write ``{**header, **result}`` as JSON and, with ``plot``, the figure beside it as .png.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    Returns:
+        (json path, png path or None).
+    """
+    json_path = write_json(json_path, {**header, **result})
+    if plot is None:
+        return json_path, None
+    png_path = json_path.with_suffix(".png")
+    plot(result, png_path)
+    return json_path, png_path

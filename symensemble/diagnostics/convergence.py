@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
+from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q_terms, orbit_scale_for_target
 from ..symmetry.linear import group_kind_for_activation
-from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, single_thread
+from .common import TwoLayerProblem, log_spaced_steps
 
 __all__ = [
     "q_controlled_init",
@@ -134,75 +136,82 @@ def convergence_elementwise(
     record = log_spaced_steps(steps, num_records)
     for name in activations:
         problem, U0, V0 = TwoLayerProblem.random(name, m, n, h, init_std, seed, reduction)
-        Us, Vs, kept, methods, skipped = [], [], [], [], {}
-        for t in targets:
-            try:
-                U, V, method = q_controlled_init(U0, V0, name, t)
-            except ValueError as err:
-                skipped[str(t)] = str(err)
-                continue
-            Us.append(U)
-            Vs.append(V)
-            kept.append(float(t))
-            methods.append(method)
-        if not kept:
-            raise ValueError(f"no target Q in {list(targets)} is reachable for {name!r}: {skipped}")
-        U, V = torch.stack(Us), torch.stack(Vs)
+        U, V, kept, methods, skipped = _q_controlled_inits(U0, V0, name, targets)
         f1, f2 = elementwise_q_terms(U, V, problem.act)
         q0 = f1 - f2
-        curves, q_end, first = [], None, _FirstBelow(threshold)
-        with single_thread():
-            for s in tqdm(
-                range(steps + 1),
-                desc=f"convergence [{name}]",
-                disable=not progress,
-                mininterval=2.0,
-            ):
-                loss, gU, gV = problem.loss_and_grads(U, V)
-                first.update(s, loss)
-                if s in record:
-                    curves.append(loss)
-                if s == steps:
-                    break
-                U, V = U - lr * gU, V - lr * gV
+        curve, reach, U, V = _descend(problem, U, V, lr, steps, record, threshold, name, progress)
         f1, f2 = elementwise_q_terms(U, V, problem.act)
-        q_end = f1 - f2
-        curve = torch.stack(curves, 1)  # (R, K)
-        l0 = curve[:, 0]
-        reach = first.result()
         results[name] = {
             "targets": kept,
             "Q0": q0.tolist(),
-            "Q_final": q_end.tolist(),
+            "Q_final": (f1 - f2).tolist(),
             "method": methods,
             "skipped": skipped,
-            "initial_loss": l0.tolist(),
+            "initial_loss": curve[:, 0].tolist(),
             "final_loss": curve[:, -1].tolist(),
             "steps_to_threshold": reach,
             "steps": record,
             "loss": curve.tolist(),
         }
         log.info("convergence %s: Q %s -> steps %s", name, kept, reach)
-    checks = {
-        name: {
-            "same_initial_loss": bool(
-                max(r["initial_loss"]) - min(r["initial_loss"]) <= 1e-9 * max(1.0, max(r["initial_loss"]))
-            ),
-            "Q_spread_changes_convergence": len(set(r["steps_to_threshold"])) > 1,
-            "fastest_Q": r["targets"][
-                min(
-                    range(len(r["targets"])),
-                    key=lambda i: (
-                        r["steps_to_threshold"][i] is None,
-                        r["steps_to_threshold"][i] or 0,
-                        r["final_loss"][i],
-                    ),
-                )
-            ],
-        }
-        for name, r in results.items()
+    return {"results": results, "checks": {name: _elementwise_checks(r) for name, r in results.items()}}
+
+
+def _q_controlled_inits(
+    U0: torch.Tensor, V0: torch.Tensor, name: str, targets: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, list[float], list[str], dict[str, str]]:
+    """(U, V) stacked over the reachable targets, the targets kept, their methods, and the
+    unreachable ones with the reason."""
+    Us, Vs, kept, methods, skipped = [], [], [], [], {}
+    for t in targets:
+        try:
+            U, V, method = q_controlled_init(U0, V0, name, t)
+        except ValueError as err:
+            skipped[str(t)] = str(err)
+            continue
+        Us.append(U)
+        Vs.append(V)
+        kept.append(float(t))
+        methods.append(method)
+    if not kept:
+        raise ValueError(f"no target Q in {list(targets)} is reachable for {name!r}: {skipped}")
+    return torch.stack(Us), torch.stack(Vs), kept, methods, skipped
+
+
+def _descend(
+    problem: TwoLayerProblem, U: torch.Tensor, V: torch.Tensor, lr: float, steps: int, record: list[int],
+    threshold: float, name: str, progress: bool,
+) -> tuple[torch.Tensor, list[int | None], torch.Tensor, torch.Tensor]:
+    """Gradient descent of all runs side by side: (loss curve (R, K) at the recorded steps,
+    first step below threshold·L(0) per run, final U, final V)."""
+    curves, first = [], _FirstBelow(threshold)
+    with single_thread():
+        for s in tqdm(range(steps + 1), desc=f"convergence [{name}]", disable=not progress, mininterval=2.0):
+            loss, gU, gV = problem.loss_and_grads(U, V)
+            first.update(s, loss)
+            if s in record:
+                curves.append(loss)
+            if s == steps:
+                break
+            U, V = U - lr * gU, V - lr * gV
+    return torch.stack(curves, 1), first.result(), U, V
+
+
+def _elementwise_checks(r: dict[str, Any]) -> dict[str, Any]:
+    """Same initial loss for every Q; Q changes the convergence; which Q converged first."""
+    fastest = min(
+        range(len(r["targets"])),
+        key=lambda i: (
+            r["steps_to_threshold"][i] is None, r["steps_to_threshold"][i] or 0, r["final_loss"][i]
+        ),
+    )
+    return {
+        "same_initial_loss": bool(
+            max(r["initial_loss"]) - min(r["initial_loss"]) <= 1e-9 * max(1.0, max(r["initial_loss"]))
+        ),
+        "Q_spread_changes_convergence": len(set(r["steps_to_threshold"])) > 1,
+        "fastest_Q": r["targets"][fastest],
     }
-    return {"results": results, "checks": checks}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,19 +295,7 @@ def convergence_radial(
     U, V, Phi, Psi, sy = spectral_init(Y, c * u, c * v)
     lam0 = (c * u).square() + (c * v).square()  # (R, k)
     record = log_spaced_steps(steps, num_records)
-    curves, sx_rec, first = [], [], _FirstBelow(threshold)
-    with single_thread():
-        for s in tqdm(range(steps + 1), desc="convergence [radial]", disable=not progress, mininterval=2.0):
-            loss, gU, gV, X = _radial_loss_and_grads(Y, U, V)
-            first.update(s, loss)
-            if s in record:
-                curves.append(loss)
-                sx_rec.append(torch.diagonal(Phi.T @ X @ Psi, dim1=-2, dim2=-1)[..., :k])
-            if s == steps:
-                break
-            U, V = U - lr * gU, V - lr * gV
-    curve = torch.stack(curves, 1)  # (R, K)
-    sx = torch.stack(sx_rec, 1)  # (R, K, k)
+    curve, sx, reach, U, V = _radial_descent(Y, U, V, Phi, Psi, lr, steps, record, threshold, progress)
     ubar = torch.diagonal(Phi.T @ U, dim1=-2, dim2=-1)[..., :k]
     vbar = torch.diagonal(Psi.T @ V, dim1=-2, dim2=-1)[..., :k]
     lam_end = ubar.square() + vbar.square()
@@ -307,9 +304,7 @@ def convergence_radial(
     bound = gap0 * torch.exp(-t.view(1, -1, 1) / lam0.unsqueeze(1))
     ratio = ((sx - sy).abs() / bound.clamp_min(1e-300)).where(bound > 1e-12, torch.zeros(()))
     l0 = curve[:, 0]
-    reach = first.result()
     per_q = [None if r is None else r / q for r, q in zip(reach, targets, strict=True)]
-    valid = [x for x in per_q if x is not None]
     results = {
         "targets": list(targets),
         "lambda0": lam0.tolist(),
@@ -326,28 +321,53 @@ def convergence_radial(
         "loss": curve.tolist(),
         "lr": lr,
     }
-    order = sorted(range(len(targets)), key=lambda i: targets[i])
-    reached = [reach[i] for i in order]
-    checks = {
-        "smaller_Q_faster": all(r is not None for r in reached)
+    return {"results": results, "checks": _radial_checks(results)}
+
+
+def _radial_descent(
+    Y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, Phi: torch.Tensor, Psi: torch.Tensor, lr: float,
+    steps: int, record: list[int], threshold: float, progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[int | None], torch.Tensor, torch.Tensor]:
+    """Gradient descent of the radial runs: (loss curve (R, K), singular values σˣ (R, K, k) at
+    the recorded steps, first step below threshold·L(0) per run, final U, final V)."""
+    k = U.shape[-1]
+    curves, sx_rec, first = [], [], _FirstBelow(threshold)
+    with single_thread():
+        for s in tqdm(range(steps + 1), desc="convergence [radial]", disable=not progress, mininterval=2.0):
+            loss, gU, gV, X = _radial_loss_and_grads(Y, U, V)
+            first.update(s, loss)
+            if s in record:
+                curves.append(loss)
+                sx_rec.append(torch.diagonal(Phi.T @ X @ Psi, dim1=-2, dim2=-1)[..., :k])
+            if s == steps:
+                break
+            U, V = U - lr * gU, V - lr * gV
+    return torch.stack(curves, 1), torch.stack(sx_rec, 1), first.result(), U, V
+
+
+def _radial_checks(r: dict[str, Any]) -> dict[str, Any]:
+    """Prop. G.2/G.3 claims: smaller Q converges faster, steps ∝ Q, the bound, λ conserved."""
+    targets, reach, l0 = r["targets"], r["steps_to_threshold"], r["initial_loss"]
+    valid = [x for x in r["steps_per_Q"] if x is not None]
+    reached = [reach[i] for i in sorted(range(len(targets)), key=lambda i: targets[i])]
+    return {
+        "smaller_Q_faster": all(x is not None for x in reached)
         and all(a < b for a, b in zip(reached, reached[1:], strict=False)),
         "steps_proportional_to_Q": bool(valid) and (max(valid) - min(valid)) <= 0.1 * max(valid),
-        "prop_g3_bound_holds": max(results["g3_max_ratio"]) <= 1.0 + 1e-3,
-        "lambda_conserved": results["lambda_max_rel_drift"] <= 1e-2,
-        "same_initial_loss": float(l0.max() - l0.min()) <= 1e-9 * max(1.0, float(l0.max())),
+        "prop_g3_bound_holds": max(r["g3_max_ratio"]) <= 1.0 + 1e-3,
+        "lambda_conserved": r["lambda_max_rel_drift"] <= 1e-2,
+        "same_initial_loss": max(l0) - min(l0) <= 1e-9 * max(1.0, max(l0)),
     }
-    return {"results": results, "checks": checks}
 
 
 def plot_convergence(result: dict[str, Any], path) -> None:
     """Figure 6 (one panel per activation) or Figure 7 (radial): loss against steps per Q."""
-    plt = pyplot()
     res = result["results"]
     if "targets" in res:  # radial
         panels = {"radial (Prop. G.2)": res}
     else:
         panels = res
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
     for ax, (title, r) in zip(axes[0], panels.items(), strict=True):
         for i, q in enumerate(r.get("Q0", r["targets"])):
             ax.plot(r["steps"], r["loss"][i], label=f"Q={round(q, 6):.3g}")

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import antiderivative_sigma_over_dsigma
-from .common import pyplot, save_figure
 
 __all__ = [
     "INITS",
     "DEFAULT_CONFIGS",
+    "parse_config",
     "init_variances",
     "expected_antiderivative",
     "expected_q",
@@ -51,6 +52,8 @@ INITS = {
     "kaiming": "N(0, 2/fan_in) — He/Kaiming normal",
 }
 
+_POINTWISE = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
+
 #: (m, h, n, activation): Figure 4 (linear, three shapes) and Figure 5 (nonlinear, 100³).
 DEFAULT_CONFIGS: tuple[tuple[int, int, int, str], ...] = (
     (100, 100, 100, "identity"),
@@ -60,6 +63,27 @@ DEFAULT_CONFIGS: tuple[tuple[int, int, int, str], ...] = (
     (100, 100, 100, "tanh"),
     (100, 100, 100, "sigmoid"),
 )
+
+
+def parse_config(text: str) -> tuple[int, int, int, str]:
+    """``"m,h,n,activation"`` (e.g. ``"100,200,100,identity"``) as a configuration tuple.
+
+    Raises:
+        ValueError: not four fields, non-integer or non-positive widths, or an activation
+            other than identity, relu, leaky_relu, tanh, sigmoid.
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4:
+        raise ValueError(f"expected m,h,n,activation (e.g. 100,200,100,identity), got {text!r}")
+    try:
+        m, h, n = (int(p) for p in parts[:3])
+    except ValueError:
+        raise ValueError(f"m, h, n must be integers, got {text!r}") from None
+    if min(m, h, n) < 1:
+        raise ValueError(f"m, h, n must be positive, got {text!r}")
+    if parts[3] not in _POINTWISE:
+        raise ValueError(f"activation must be one of {list(_POINTWISE)}, got {parts[3]!r}")
+    return (m, h, n, parts[3])
 
 
 def init_variances(init: str, m: int, h: int, n: int) -> tuple[float, float]:
@@ -184,10 +208,9 @@ def q_distribution(
 
 def plot_q_distribution(result: dict[str, Any], path) -> None:
     """Histograms of Q (rows: initializations; columns: configurations) with E[Q] and the mean."""
-    plt = pyplot()
     rows = list(dict.fromkeys(r["init"] for r in result["results"]))
     cols = list(dict.fromkeys((r["m"], r["h"], r["n"], r["activation"]) for r in result["results"]))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.1 * len(cols), 2.6 * len(rows)), squeeze=False)
+    fig, axes = new_figure(len(rows), len(cols), figsize=(3.1 * len(cols), 2.6 * len(rows)), squeeze=False)
     for r in result["results"]:
         ax = axes[rows.index(r["init"]), cols.index((r["m"], r["h"], r["n"], r["activation"]))]
         edges = np.asarray(r["hist_edges"])

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
+from ..runtime import single_thread
 from ..symmetry.conserved import elementwise_q_terms
-from .common import TwoLayerProblem, log_spaced_steps, pyplot, save_figure, single_thread
+from .common import TwoLayerProblem, log_spaced_steps
 
 __all__ = ["DEFAULT_ACTIVATIONS", "DEFAULT_LRS", "q_dynamics", "plot_q_dynamics"]
 
@@ -30,6 +32,47 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
 DEFAULT_LRS = (0.1, 0.01, 0.001)
+
+
+class _PropE1:
+    """Running check of Prop. E.1 on the linear network, every step, for R runs side by side.
+
+    With Q = Tr[UᵀU − VVᵀ], one step changes Q by η²(‖∂L/∂U‖² − ‖∂L/∂V‖²) (eq. 40), so
+    |ΔQ| ≤ η²‖∇L‖²; violations are counted beyond a rounding allowance of 64·eps·(‖U‖² + ‖V‖²).
+    """
+
+    def __init__(self, lr2: torch.Tensor) -> None:
+        self.lr2 = lr2
+        self.ratio = torch.zeros_like(lr2)
+        self.violations = torch.zeros(lr2.shape, dtype=torch.long)
+        self.identity_err = torch.zeros_like(lr2)
+        self.eps = torch.finfo(lr2.dtype).eps
+
+    def update(self, q_before: torch.Tensor, nU: torch.Tensor, nV: torch.Tensor, U: torch.Tensor,
+               V: torch.Tensor) -> None:
+        """Account one step that moved Q from ``q_before`` to that of (U, V), with squared
+        gradient norms nU, nV taken before the step."""
+        step_dq = (U.square().sum((-2, -1)) - V.square().sum((-2, -1))) - q_before
+        bound = self.lr2 * (nU + nV)
+        roundoff = 64 * self.eps * (U.square().sum((-2, -1)) + V.square().sum((-2, -1)))
+        self.violations += (step_dq.abs() > bound + roundoff).long()
+        meaningful = bound > roundoff
+        ratio = torch.where(meaningful, step_dq.abs() / bound.clamp_min(1e-300), 0.0)
+        self.ratio = torch.maximum(self.ratio, ratio)
+        # eq. 40 is an identity; measured where it is not drowned in rounding of Q itself
+        resolved = bound > 1e4 * roundoff
+        id_err = (step_dq - self.lr2 * (nU - nV)).abs() / bound.clamp_min(1e-300)
+        self.identity_err = torch.maximum(self.identity_err, torch.where(resolved, id_err, 0.0))
+
+    def result(self, steps: int) -> dict[str, Any]:
+        return {
+            "statement": "|Q_{t+1} - Q_t| <= lr^2 |dL/dt| with Q = Tr[U^T U - V V^T], every step",
+            "max_ratio": self.ratio.tolist(),
+            "violations": self.violations.tolist(),
+            "max_identity_error": self.identity_err.tolist(),  # |dQ - lr^2(|gU|^2-|gV|^2)|/bound
+            "steps_checked": steps,
+            "holds": bool((self.violations == 0).all()),
+        }
 
 
 def _train_one(
@@ -46,8 +89,6 @@ def _train_one(
     U = U0.expand(R, *U0.shape).clone()
     V = V0.expand(R, *V0.shape).clone()
     lr = torch.tensor(lrs, dtype=U0.dtype).view(R, 1, 1)
-    lr2 = lr.view(R).square()
-
     f1_0, f2_0 = elementwise_q_terms(U0, V0, act)
     norm = f1_0.abs() + f2_0.abs()
     qt0 = (f1_0 - f2_0).abs() / norm
@@ -56,12 +97,7 @@ def _train_one(
     rec_loss: list[torch.Tensor] = []
     rec_dq: list[torch.Tensor] = []
     max_abs_dq = torch.zeros(R, dtype=U0.dtype)
-    linear = act.name == "identity"
-    if linear:
-        e1_ratio = torch.zeros(R, dtype=U0.dtype)
-        e1_violations = torch.zeros(R, dtype=torch.long)
-        e1_identity_err = torch.zeros(R, dtype=U0.dtype)
-        eps = torch.finfo(U0.dtype).eps
+    e1 = _PropE1(lr.view(R).square()) if act.name == "identity" else None
     for t in tqdm(range(steps + 1), desc=f"q dynamics [{act.name}]", disable=not progress, mininterval=2.0):
         loss, gU, gV = problem.loss_and_grads(U, V)
         f1, f2 = elementwise_q_terms(U, V, act)
@@ -73,24 +109,13 @@ def _train_one(
             rec_dq.append(dq)
         if t == steps:
             break
-        if linear:
+        if e1 is not None:
             nU, nV = gU.square().sum((-2, -1)), gV.square().sum((-2, -1))
             q_before = 2 * (f1 - 0.5 * V.square().sum((-2, -1)))  # Tr UᵀU − Tr VVᵀ
         U = U - lr * gU
         V = V - lr * gV
-        if linear:
-            q_after = U.square().sum((-2, -1)) - V.square().sum((-2, -1))
-            step_dq = q_after - q_before
-            bound = lr2 * (nU + nV)
-            roundoff = 64 * eps * (U.square().sum((-2, -1)) + V.square().sum((-2, -1)))
-            e1_violations += (step_dq.abs() > bound + roundoff).long()
-            meaningful = bound > roundoff
-            ratio = torch.where(meaningful, step_dq.abs() / bound.clamp_min(1e-300), 0.0)
-            e1_ratio = torch.maximum(e1_ratio, ratio)
-            # eq. 40 is an identity; measured where it is not drowned in rounding of Q itself
-            resolved = bound > 1e4 * roundoff
-            id_err = (step_dq - lr2 * (nU - nV)).abs() / bound.clamp_min(1e-300)
-            e1_identity_err = torch.maximum(e1_identity_err, torch.where(resolved, id_err, 0.0))
+        if e1 is not None:
+            e1.update(q_before, nU, nV, U, V)
     out: dict[str, Any] = {
         "lr": list(lrs),
         "steps": rec_steps,
@@ -104,15 +129,8 @@ def _train_one(
         "f1_0": float(f1_0),
         "f2_0": float(f2_0),
     }
-    if linear:
-        out["prop_e1"] = {
-            "statement": "|Q_{t+1} - Q_t| <= lr^2 |dL/dt| with Q = Tr[U^T U - V V^T], every step",
-            "max_ratio": e1_ratio.tolist(),
-            "violations": e1_violations.tolist(),
-            "max_identity_error": e1_identity_err.tolist(),  # |dQ - lr^2(|gU|^2-|gV|^2)|/bound
-            "steps_checked": steps,
-            "holds": bool((e1_violations == 0).all()),
-        }
+    if e1 is not None:
+        out["prop_e1"] = e1.result(steps)
     return out
 
 
@@ -174,9 +192,8 @@ def q_dynamics(
 
 def plot_q_dynamics(result: dict[str, Any], path) -> None:
     """Figure 3: ΔQ̃ (top) and loss (bottom) against steps, one column per activation."""
-    plt = pyplot()
     names = list(result["results"])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 5.2), sharex="col", squeeze=False)
+    fig, axes = new_figure(2, len(names), figsize=(3.6 * len(names), 5.2), sharex="col", squeeze=False)
     for j, name in enumerate(names):
         res = result["results"][name]
         steps = res["steps"]

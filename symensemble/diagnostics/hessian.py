@@ -28,15 +28,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..plotting import new_figure, save_figure
+from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q
-from ..symmetry.linear import (
-    LinearSymmetry,
-    StackParams,
-    group_kind_for_activation,
-    orbit_dimension_formula,
-)
-from .common import TwoLayerProblem, pyplot, save_figure, single_thread
+from ..symmetry.linear import LinearSymmetry, group_kind_for_activation, orbit_dimension_formula
+from ..symmetry.stack import StackParams
+from .common import TwoLayerProblem
 
 __all__ = [
     "full_hessian",
@@ -159,7 +157,7 @@ def _orbit_info(act: str, h: int, n: int, m: int, U: torch.Tensor, V: torch.Tens
     except ValueError:
         return {"group": None, "orbit_dim": 0, "orbit_dim_formula": 0}
     sym = LinearSymmetry.for_activations([a], [h])
-    params = StackParams((V, U), (None, None))
+    params = StackParams.two_layer(U, V)
     return {
         "group": sym.groups[0].name,
         "orbit_dim": sym.orbit_dimension(params),  # closed-form Gram spectrum, O(h³)
@@ -203,90 +201,94 @@ def hessian_study(
         raise ValueError(f"method must be 'auto', 'full' or 'lanczos', got {method!r}")
     d = m * h + h * n
     use_full = method == "full" or (method == "auto" and d <= 4000)
+    spectrum = dict(zero_tol=zero_tol, top_k=top_k, lanczos_iters=lanczos_iters, seed=seed, use_full=use_full)
     results: dict[str, Any] = {}
     for name in activations:
         act = create_activation(name)
-        gen = torch.Generator().manual_seed(seed)
-        Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        base_U = torch.randn(m, h, generator=gen, dtype=torch.float64)
-        base_V = torch.randn(h, n, generator=gen, dtype=torch.float64)
-        train = TwoLayerProblem(Y, act, "mean")
-        total = TwoLayerProblem(Y, act, "sum")
-        U = torch.stack([base_U * s for s in init_stds])
-        V = torch.stack([base_V * s for s in init_stds])
-        q0 = elementwise_q(U, V, act)
-        with single_thread():
-            for _ in tqdm(
-                range(steps), desc=f"hessian train [{name}]", disable=not progress, mininterval=2.0
-            ):
-                _, gU, gV = train.loss_and_grads(U, V)
-                U, V = U - lr * gU, V - lr * gV
+        total, q0, U, V = _train_from_stds(act, init_stds, m, n, h, lr, steps, seed, progress)
         loss, gU, gV = total.loss_and_grads(U, V)
         runs = []
         for i, std in enumerate(init_stds):
-            Ui, Vi = U[i], V[i]
-
-            def loss_flat(x: torch.Tensor, total=total) -> torch.Tensor:
-                return total.loss(x[: m * h].view(1, m, h), x[m * h :].view(1, h, n))[0]
-
-            x = torch.cat([Ui.reshape(-1), Vi.reshape(-1)])
             run: dict[str, Any] = {
                 "init_std": std,
                 "Q0": float(q0[i]),
-                "Q_final": float(elementwise_q(Ui, Vi, act)),
+                "Q_final": float(elementwise_q(U[i], V[i], act)),
                 "final_loss": float(loss[i]),
                 "grad_norm": float(torch.sqrt(gU[i].square().sum() + gV[i].square().sum())),
-                **_orbit_info(name, h, n, m, Ui, Vi),
+                **_orbit_info(name, h, n, m, U[i], V[i]),
+                **_spectrum(total, U[i], V[i], check_lanczos=i == 0, **spectrum),
             }
-            if use_full:
-                ev = torch.linalg.eigvalsh(full_hessian(loss_flat, x))
-                nonzero = ev[ev.abs() > zero_tol]
-                run.update(
-                    {
-                        "method": "full",
-                        "num_params": d,
-                        "near_zero": int((ev.abs() <= zero_tol).sum()),
-                        "negative": int((ev < -zero_tol).sum()),
-                        "eigenvalues": ev.tolist(),
-                        "top": ev.flip(0)[:top_k].tolist(),
-                        "nonzero_mean": float(nonzero.mean()) if nonzero.numel() else 0.0,
-                        "nonzero_median": float(nonzero.median()) if nonzero.numel() else 0.0,
-                        "trace": float(ev.sum()),
-                    }
-                )
-                if i == 0:
-                    ritz = lanczos(
-                        hvp_fn(loss_flat, x),
-                        d,
-                        lanczos_iters,
-                        generator=torch.Generator().manual_seed(seed),
-                    )
-                    k = min(5, ritz.numel())
-                    run["lanczos_check_top5_abs_err"] = float((ritz.flip(0)[:k] - ev.flip(0)[:k]).abs().max())
-            else:
-                mv = hvp_fn(loss_flat, x)
-                ritz = lanczos(mv, d, lanczos_iters, generator=torch.Generator().manual_seed(seed))
-                tr, tr_se = hutchinson_trace(mv, d, 32, generator=torch.Generator().manual_seed(seed))
-                run.update(
-                    {
-                        "method": "lanczos",
-                        "num_params": d,
-                        "near_zero": None,
-                        "top": ritz.flip(0)[:top_k].tolist(),
-                        "trace": tr,
-                        "trace_stderr": tr_se,
-                    }
-                )
             runs.append(run)
-            log.info(
-                "hessian %s std=%g: Q0=%.4g near-zero %s orbit %s",
-                name,
-                std,
-                run["Q0"],
-                run.get("near_zero"),
-                run["orbit_dim"],
-            )
+            log.info("hessian %s std=%g: Q0=%.4g near-zero %s orbit %s", name, std, run["Q0"],
+                     run.get("near_zero"), run["orbit_dim"])
         results[name] = {"runs": runs}
+    return {"results": results, "checks": _hessian_checks(results, use_full),
+            "one_dimensional": one_dimensional_example()}
+
+
+def _train_from_stds(
+    act: Any, init_stds: Sequence[float], m: int, n: int, h: int, lr: float, steps: int, seed: int,
+    progress: bool,
+) -> tuple[TwoLayerProblem, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One seeded target and base init scaled by each std, trained side by side on the mean
+    squared error. Returns (the summed-error problem, Q at the start, U, V at the end)."""
+    gen = torch.Generator().manual_seed(seed)
+    Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    base_U = torch.randn(m, h, generator=gen, dtype=torch.float64)
+    base_V = torch.randn(h, n, generator=gen, dtype=torch.float64)
+    train = TwoLayerProblem(Y, act, "mean")
+    U = torch.stack([base_U * s for s in init_stds])
+    V = torch.stack([base_V * s for s in init_stds])
+    q0 = elementwise_q(U, V, act)
+    with single_thread():
+        bar = tqdm(range(steps), desc=f"hessian train [{act.name}]", disable=not progress, mininterval=2.0)
+        for _ in bar:
+            _, gU, gV = train.loss_and_grads(U, V)
+            U, V = U - lr * gU, V - lr * gV
+    return TwoLayerProblem(Y, act, "sum"), q0, U, V
+
+
+def _spectrum(
+    total: TwoLayerProblem, U: torch.Tensor, V: torch.Tensor, *, use_full: bool, zero_tol: float,
+    top_k: int, lanczos_iters: int, seed: int, check_lanczos: bool,
+) -> dict[str, Any]:
+    """Hessian spectrum of the summed squared error at (U, V): dense (all eigenvalues, the
+    near-zero count; ``check_lanczos`` also compares Lanczos' top 5) or Lanczos + Hutchinson."""
+    (m, h), n = U.shape, V.shape[1]
+    d = m * h + h * n
+
+    def loss_flat(x: torch.Tensor) -> torch.Tensor:
+        return total.loss(x[: m * h].view(1, m, h), x[m * h :].view(1, h, n))[0]
+
+    x = torch.cat([U.reshape(-1), V.reshape(-1)])
+    mv = hvp_fn(loss_flat, x)
+    if not use_full:
+        ritz = lanczos(mv, d, lanczos_iters, generator=torch.Generator().manual_seed(seed))
+        tr, tr_se = hutchinson_trace(mv, d, 32, generator=torch.Generator().manual_seed(seed))
+        return {"method": "lanczos", "num_params": d, "near_zero": None,
+                "top": ritz.flip(0)[:top_k].tolist(), "trace": tr, "trace_stderr": tr_se}
+    ev = torch.linalg.eigvalsh(full_hessian(loss_flat, x))
+    nonzero = ev[ev.abs() > zero_tol]
+    out = {
+        "method": "full",
+        "num_params": d,
+        "near_zero": int((ev.abs() <= zero_tol).sum()),
+        "negative": int((ev < -zero_tol).sum()),
+        "eigenvalues": ev.tolist(),
+        "top": ev.flip(0)[:top_k].tolist(),
+        "nonzero_mean": float(nonzero.mean()) if nonzero.numel() else 0.0,
+        "nonzero_median": float(nonzero.median()) if nonzero.numel() else 0.0,
+        "trace": float(ev.sum()),
+    }
+    if check_lanczos:
+        ritz = lanczos(mv, d, lanczos_iters, generator=torch.Generator().manual_seed(seed))
+        k = min(5, ritz.numel())
+        out["lanczos_check_top5_abs_err"] = float((ritz.flip(0)[:k] - ev.flip(0)[:k]).abs().max())
+    return out
+
+
+def _hessian_checks(results: dict[str, Any], use_full: bool) -> dict[str, Any]:
+    """The paper's claims: near-zero count = orbit dimension (linear), spectrum centre grows with Q."""
     checks: dict[str, Any] = {}
     if "identity" in results and use_full:
         lin = results["identity"]["runs"]
@@ -306,7 +308,7 @@ def hessian_study(
             checks.setdefault("near_zero_at_least_orbit_dim", {})[name] = all(
                 r["near_zero"] >= r["orbit_dim"] for r in res["runs"] if r["final_loss"] < 1e-6
             )
-    return {"results": results, "checks": checks, "one_dimensional": one_dimensional_example()}
+    return checks
 
 
 def one_dimensional_example(
@@ -380,9 +382,8 @@ def one_dimensional_example(
 
 def plot_hessian(result: dict[str, Any], path) -> None:
     """Figure 9: histograms of the nonzero Hessian eigenvalues per activation, one per Q."""
-    plt = pyplot()
     names = list(result["results"])
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
+    fig, axes = new_figure(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         runs = result["results"][name]["runs"]
         spectra = []

@@ -13,17 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..plotting import new_figure, save_figure
 from ..symmetry.conserved import imbalance, unit_q, unit_q_terms
 from ..symmetry.linear import (
     LinearSymmetry,
-    StackParams,
     group_kind_for_activation,
     module_layers,
     orbit_dimension_formula,
     paper_orbit_dimension,
     stack_params,
 )
-from .common import pyplot, save_figure
+from ..symmetry.stack import StackParams
 
 __all__ = ["head_stack", "head_q_summary", "inspect_model", "plot_inspection"]
 
@@ -107,11 +107,10 @@ def inspect_model(model: nn.Module) -> dict[str, Any]:
 
 def plot_inspection(info: dict[str, Any], path, title: str = "") -> None:
     """Bar chart of Q_k per hidden unit with its two terms."""
-    plt = pyplot()
     layer = info["layers"][0]
     h = len(layer["per_unit"])
     k = torch.arange(h).numpy()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * h + 2), 3.2))
+    fig, ax = new_figure(figsize=(max(5.0, 0.35 * h + 2), 3.2))
     ax.bar(k - 0.27, layer["row_norm2"], width=0.27, label=r"$|V_k|^2 + b_k^2$")
     ax.bar(
         k,

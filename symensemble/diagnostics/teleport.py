@@ -25,6 +25,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,17 +37,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import default_run_dir
+from ..plotting import new_figure, save_figure
+from ..runtime import eval_mode
 from ..symmetry.activations import Activation
 from ..symmetry.conserved import homogeneous_q, orbit_scale_for_target, unit_q_terms
 from ..symmetry.linear import (
     HiddenGroup,
     LinearSymmetry,
-    StackParams,
     group_kind_for_activation,
     load_stack_params,
+    module_layers,
     stack_forward,
 )
-from .common import sigma_derivatives
+from ..symmetry.stack import StackParams
+from .common import run_header, sigma_derivatives, write_result
 from .hessian import hvp_fn, lanczos
 from .inspection import head_stack
 
@@ -57,6 +66,11 @@ __all__ = [
     "reduce_features",
     "flattest_scales",
     "teleport",
+    "TeleportRun",
+    "training_features",
+    "evaluate_before_after",
+    "teleport_checkpoint",
+    "plot_teleport",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,9 +136,36 @@ def apply_unit_scales(model: nn.Module, c: torch.Tensor, *, inplace: bool = Fals
     params, act, alpha = teleport_group(model)
     if c.shape != (params.widths[1],) or not bool((c > 0).all()):
         raise ValueError(f"c must be {params.widths[1]} positive scales, got shape {tuple(c.shape)}")
+    moved = scale_params(params, c.to(torch.float64), alpha)
+    _check_finite(moved, c, _head_dtype(model))
     target = model if inplace else copy.deepcopy(model)
-    load_stack_params(target, scale_params(params, c.to(torch.float64), alpha))
+    load_stack_params(target, moved)
     return target
+
+
+def _head_dtype(model: nn.Module) -> torch.dtype:
+    return module_layers(model)[0][0].weight.dtype
+
+
+def _check_scales(c: torch.Tensor, q_total: float) -> None:
+    """Refuse scales that over- or underflowed float64 (a target far out along the orbit)."""
+    if bool((torch.isfinite(c) & (c > 0)).all()):
+        return
+    raise ValueError(
+        f"the move needs unit scales c outside the float64 range (got {c.tolist()}): the target "
+        f"is too far along the orbit; choose a target Q closer to the current Q = {q_total:.6g}"
+    )
+
+
+def _check_finite(moved: StackParams, c: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse a move whose head weights would not be finite in the model's dtype."""
+    if all(bool(torch.isfinite(t.to(dtype)).all()) for t in moved.tensors()):
+        return
+    raise ValueError(
+        f"the move needs unit scales c from {float(c.min()):.3g} to {float(c.max()):.3g}, which make "
+        f"the head's {str(dtype).removeprefix('torch.')} weights overflow (non-finite); choose a "
+        "target Q closer to the current one"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +188,7 @@ def hessian_trace_terms(
     Shape:
         features (N, d), labels (N,) → A (h,), B (h,), const ().
     """
-    V, b, U, bU = params.weights[0], params.biases[0], params.weights[1], params.biases[1]
+    V, b, U, bU = params.V, params.b_V, params.U, params.b_U
     X = features.to(params.dtype)
     Z = X @ V.T + (0 if b is None else b)
     S, d1, d2 = sigma_derivatives(act, Z)
@@ -192,8 +233,7 @@ def reduce_features(params: StackParams, features: torch.Tensor) -> tuple[StackP
     if N >= d:
         return params, X
     Q, _ = torch.linalg.qr(X.T)  # (d, N)
-    V = params.weights[0]
-    reduced = StackParams((V @ Q, params.weights[1]), params.biases)
+    reduced = StackParams((params.V @ Q, params.U), params.biases)
     return reduced, X @ Q
 
 
@@ -265,30 +305,11 @@ def flattest_scales(
         )
 
     info["top_before"] = top(torch.zeros_like(logc))
-    best, f_best, evals, step = logc.clone(), top(logc), 2, 0.5
+    best, f_best = logc.clone(), top(logc)
     info["top_at_trace_optimum"] = f_best
     if f_best > info["top_before"]:
         best, f_best = torch.zeros_like(logc), info["top_before"]
-    h = logc.numel()
-    bar = tqdm(total=max_evals, desc="flattest (top eigenvalue)", disable=not progress)
-    bar.update(evals)
-    while evals < max_evals and step > 1e-3:
-        improved = False
-        for k in range(h):
-            for sign in (1.0, -1.0):
-                if evals >= max_evals:
-                    break
-                trial = best.clone()
-                trial[k] += sign * step
-                f = top(trial)
-                evals += 1
-                bar.update(1)
-                if f < f_best:
-                    best, f_best, improved = trial, f, True
-                    break
-        if not improved:
-            step /= 2
-    bar.close()
+    best, f_best, evals = _pattern_search(top, best, f_best, max_evals, progress)
     c = torch.exp(best)
     info.update(
         {
@@ -298,6 +319,35 @@ def flattest_scales(
         }
     )
     return c, info
+
+
+def _pattern_search(
+    f: Any, best: torch.Tensor, f_best: float, max_evals: int, progress: bool, evals: int = 2
+) -> tuple[torch.Tensor, float, int]:
+    """Coordinate pattern search minimizing ``f`` from ``best``: try ±step on each coordinate,
+    move on the first improvement, halve the step when none improves; stops after ``max_evals``
+    evaluations (``evals`` already spent) or below step 1e-3. Returns (best, f(best), evals)."""
+    step = 0.5
+    bar = tqdm(total=max_evals, desc="flattest (top eigenvalue)", disable=not progress)
+    bar.update(evals)
+    while evals < max_evals and step > 1e-3:
+        improved = False
+        for k in range(best.numel()):
+            for sign in (1.0, -1.0):
+                if evals >= max_evals:
+                    break
+                trial = best.clone()
+                trial[k] += sign * step
+                value = f(trial)
+                evals += 1
+                bar.update(1)
+                if value < f_best:
+                    best, f_best, improved = trial, value, True
+                    break
+        if not improved:
+            step /= 2
+    bar.close()
+    return best, f_best, evals
 
 
 def teleport(
@@ -348,6 +398,7 @@ def teleport(
     else:
         c = unit_scales_for_q(params, alpha, total=total, per_unit=per_unit)
         report["mode"] = "target-total" if total is not None else "target-per-unit"
+    _check_scales(c, float(q_before.sum()))
     new = apply_unit_scales(model, c)
     new_params = head_stack(new)[0]
     q_after = homogeneous_q(new_params, alpha)[0]
@@ -378,3 +429,209 @@ def teleport(
         report["Q_total_after"],
     )
     return new, report
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint in, a teleported checkpoint out (``symensemble q teleport``)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeleportRun:
+    """What :func:`teleport_checkpoint` wrote.
+
+    Attributes:
+        report: the teleport report (:func:`teleport`) with ``evaluation`` when measured.
+        checkpoint, json_path, png_path: the files written.
+    """
+
+    report: dict[str, Any]
+    checkpoint: Path
+    json_path: Path
+    png_path: Path
+
+    @property
+    def function_unchanged(self) -> bool:
+        """False when the measured test loss/accuracy moved by more than the tolerance."""
+        return bool(self.report.get("evaluation", {}).get("equal", True))
+
+
+def _check_request(total: float | None, per_unit: Sequence[float] | None, flattest: str | None,
+                   out: Path | None) -> None:
+    if sum(x is not None for x in (total, per_unit, flattest)) != 1:
+        raise ValueError("give exactly one of a total target Q, per-unit targets, or flattest=trace|top")
+    if total is not None and not math.isfinite(total):
+        raise ValueError(f"the target Q must be finite, got {total}")
+    if per_unit is not None and not all(math.isfinite(v) for v in per_unit):
+        raise ValueError(f"the per-unit targets must be finite, got {list(per_unit)}")
+    if out is not None and Path(out).suffix != ".safetensors":
+        raise ValueError(f"the new checkpoint must end in .safetensors, got {str(out)!r}")
+
+
+@torch.no_grad()
+def training_features(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Features entering the head, float64, for uint8 images (N, 3, H, W), model in eval mode."""
+    with eval_mode(model):
+        feats = [
+            model.embed(images[i : i + batch_size].float().div(255)).double()
+            for i in range(0, len(images), batch_size)
+        ]
+    return torch.cat(feats)
+
+
+def _sample_features(
+    model: nn.Module, train: Any, samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of ``samples`` training images drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=gen)[:samples].sort().values
+    subset = train.subset(idx)
+    return training_features(model, subset.images), subset.labels
+
+
+def evaluate_before_after(
+    before_model: nn.Module, after_model: nn.Module, split: Any, tol: float
+) -> dict[str, Any]:
+    """Test loss and accuracy of both models and whether they agree to relative ``tol``."""
+    from ..train import evaluate_split
+
+    before = evaluate_split(before_model, split)
+    after = evaluate_split(after_model, split)
+    rel_loss = abs(after["loss"] - before["loss"]) / max(abs(before["loss"]), 1e-12)
+    rel_acc = abs(after["accuracy"] - before["accuracy"]) / max(abs(before["accuracy"]), 1e-12)
+    return {
+        "split": "test",
+        "before": before,
+        "after": after,
+        "rel_loss_change": rel_loss,
+        "rel_accuracy_change": rel_acc,
+        "tol": tol,
+        "equal": rel_loss <= tol and rel_acc <= tol,
+    }
+
+
+def _save_teleported(new: nn.Module, out: Path, info: dict[str, Any], report: dict[str, Any]) -> None:
+    """The new checkpoint with the source's metadata, updated metrics and a ``teleport`` note."""
+    from ..checkpoint import save_checkpoint
+
+    metrics = dict(info.get("metrics") or {})
+    if "evaluation" in report:
+        after = report["evaluation"]["after"]
+        metrics.update({"test_loss": after["loss"], "test_accuracy": after["accuracy"]})
+    summary = {k: report[k] for k in ("mode", "Q_total_before", "Q_total_after", "scales")}
+    summary.update({"source_checkpoint": info["path"], "target": report.get("target")})
+    save_checkpoint(
+        new,
+        out,
+        recipe=info.get("recipe"),
+        epoch=info.get("epoch"),
+        metrics=metrics,
+        data_source=info.get("data_source"),
+        # The source's optimizer tensors are not carried over (its moments belong to the old
+        # parameters anyway), so drop its optimizer metadata and mark the run as finished:
+        # `symensemble train --resume` must not continue from this file with fresh moments.
+        extra={
+            **{k: v for k, v in (info.get("extra") or {}).items() if k != "optimizer"},
+            "complete": True,
+            "teleport": summary,
+        },
+    )
+
+
+def teleport_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    total: float | None = None,
+    per_unit: Sequence[float] | None = None,
+    flattest: str | None = None,
+    data: str | os.PathLike | None = None,
+    evaluate: bool = True,
+    samples: int = 512,
+    max_evals: int = 40,
+    lanczos_iters: int = 20,
+    tol: float = 1e-5,
+    seed: int = 0,
+    progress: bool = False,
+) -> TeleportRun:
+    """Teleport a checkpoint's head (:func:`teleport`) and write the new checkpoint, a JSON
+    report and a figure (``<out stem>.json``/``.png``).
+
+    Args:
+        checkpoint: a ``.safetensors`` file or a shipped name (``paper_cnn``).
+        out: the new ``.safetensors`` file [default: ``runs/q-teleport-<timestamp>/<name>-<mode>``].
+        total, per_unit, flattest: the move, exactly one (see :func:`teleport`).
+        data: CIFAR-10 source, needed by ``flattest`` and ``evaluate``.
+        evaluate: measure test loss and accuracy before and after.
+        samples: training images whose features define the Hessian for ``flattest``.
+        max_evals, lanczos_iters: budget of the ``flattest="top"`` search.
+        tol: largest relative change of test loss/accuracy counted as "unchanged".
+        seed: seed of the training-image sample and of Lanczos.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read. DataError: the data cannot be loaded.
+        ValueError: a bad request, a head without a usable orbit, or a move whose result is not
+            finite — all before anything is written.
+    """
+    from ..checkpoint import load_model
+
+    _check_request(total, per_unit, flattest, None if out is None else Path(out))
+    model, info = load_model(checkpoint, with_info=True)
+    params, _, _ = teleport_group(model)
+    if per_unit is not None and len(per_unit) != params.widths[1]:
+        raise ValueError(f"the head has {params.widths[1]} hidden units, got {len(per_unit)} targets")
+    dataset = None
+    if evaluate or flattest is not None:
+        from ..data import load_cifar10
+
+        dataset = load_cifar10(data, val_size=0)  # train + test only
+    features = labels = None
+    if flattest is not None:
+        features, labels = _sample_features(model, dataset.train, samples, seed)
+    new, report = teleport(model, total=total, per_unit=None if per_unit is None else list(per_unit),
+                           flattest=flattest, features=features, labels=labels, max_evals=max_evals,
+                           iters=lanczos_iters, seed=seed, progress=progress)
+    report["source_checkpoint"] = info["path"]
+    if evaluate:
+        report["evaluation"] = evaluate_before_after(model, new, dataset.test, tol)
+    if out is None:
+        stem = Path(info["path"]).name.removesuffix(".safetensors") or "model"
+        out = default_run_dir("q-teleport") / f"{stem}-{report['mode']}.safetensors"
+    out = Path(out)
+    _save_teleported(new, out, info, report)
+    settings = dict(checkpoint=str(checkpoint), target=total, unit_targets=per_unit, flattest=flattest,
+                    samples=samples, max_evals=max_evals, lanczos_iters=lanczos_iters, tol=tol, seed=seed,
+                    eval=evaluate)
+    header = {**run_header("symensemble q teleport", settings), "checkpoint": str(out)}
+    json_path, png_path = write_result(out.with_suffix(".json"), header, report, plot_teleport)
+    return TeleportRun(report, out, json_path, png_path)
+
+
+def plot_teleport(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Q_k before and after per hidden unit, and the scales c_k (log axis)."""
+    h = len(report["Q_before"])
+    k = list(range(h))
+    fig, axes = new_figure(1, 2, figsize=(max(7.0, 0.5 * h + 3), 3.2))
+    axes[0].bar([i - 0.2 for i in k], report["Q_before"], width=0.4, label="before")
+    axes[0].bar([i + 0.2 for i in k], report["Q_after"], width=0.4, label="after")
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_xlabel("hidden unit k")
+    axes[0].set_ylabel(r"$Q_k$")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(
+        f"{report['mode']}: Q {report['Q_total_before']:.4g} -> {report['Q_total_after']:.4g}",
+        fontsize=9,
+    )
+    axes[1].bar(k, report["scales"])
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("hidden unit k")
+    axes[1].set_ylabel("scale $c_k$")
+    ev = report.get("evaluation")
+    if ev:
+        axes[1].set_title(
+            f"test loss {ev['before']['loss']:.5f} -> {ev['after']['loss']:.5f}, "
+            f"acc {ev['before']['accuracy']:.4f} -> {ev['after']['accuracy']:.4f}",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    save_figure(fig, path)

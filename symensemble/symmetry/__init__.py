@@ -17,11 +17,11 @@ from .conserved import (  # noqa: E402
 from .linear import (  # noqa: E402
     HiddenGroup,
     LinearSymmetry,
-    StackParams,
     orbit_dimension_formula,
     stack_params,
     transform_module,
 )
+from .stack import StackParams  # noqa: E402
 
 __all__ += [
     "HiddenGroup",

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .activations import Activation, create_activation
-from .linear import LinearSymmetry, StackParams, group_kind_for_activation
+from .linear import LinearSymmetry, group_kind_for_activation
+from .stack import StackParams
 
 __all__ = [
     "q_m",

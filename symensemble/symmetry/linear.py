@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .activations import Activation, create_activation
+from .stack import StackParams
 
 __all__ = [
     "GroupKind",
@@ -65,228 +66,9 @@ GroupKind = Literal["gl", "scaling", "orthogonal"]
 _KINDS: tuple[str, ...] = ("gl", "scaling", "orthogonal")
 
 
-# ----------------------------------------------------------------------------------------------
-# Parameters of a stack
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StackParams:
-    """Weights and biases θ = (W_i, b_i)_{i=1..L} of a stack of Linear layers (App. C.2).
-
-    Immutable value object: the arithmetic helpers return new instances, so a
-    :class:`StackParams` can be used as a point of parameter space, a tangent vector (M·θ, ∇L)
-    or an ODE state.
-
-    Attributes:
-        weights: W_1 … W_L, W_i of shape (n_i, n_{i−1}).
-        biases: b_1 … b_L, b_i of shape (n_i,) or ``None`` for a layer without bias.
-
-    Shape:
-        :meth:`flatten` gives a vector of length :attr:`numel` in the order W_1, b_1, W_2, b_2, ….
-    """
-
-    weights: tuple[torch.Tensor, ...]
-    biases: tuple[torch.Tensor | None, ...]
-
-    def __post_init__(self) -> None:
-        weights, biases = tuple(self.weights), tuple(self.biases)
-        object.__setattr__(self, "weights", weights)
-        object.__setattr__(self, "biases", biases)
-        if not weights:
-            raise ValueError("StackParams needs at least one weight matrix")
-        if len(biases) != len(weights):
-            raise ValueError(
-                f"StackParams needs one bias entry (tensor or None) per layer: got {len(weights)} "
-                f"weights and {len(biases)} biases"
-            )
-        for i, W in enumerate(weights):
-            if W.ndim != 2:
-                raise ValueError(f"weight {i + 1} must be a matrix (n_i, n_i-1), got shape {tuple(W.shape)}")
-            if i > 0 and W.shape[1] != weights[i - 1].shape[0]:
-                raise ValueError(
-                    f"weight {i + 1} has {W.shape[1]} input columns but layer {i} has "
-                    f"{weights[i - 1].shape[0]} outputs"
-                )
-            b = biases[i]
-            if b is not None and tuple(b.shape) != (W.shape[0],):
-                raise ValueError(f"bias {i + 1} must have shape ({W.shape[0]},), got {tuple(b.shape)}")
-
-    # -- structure ---------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        """L, the number of Linear layers."""
-        return len(self.weights)
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """(n_0, n_1, …, n_L)."""
-        return (int(self.weights[0].shape[1]),) + tuple(int(W.shape[0]) for W in self.weights)
-
-    @property
-    def hidden_widths(self) -> tuple[int, ...]:
-        """(n_1, …, n_{L−1}), the widths the hidden symmetry group acts on."""
-        return self.widths[1:-1]
-
-    @property
-    def has_bias(self) -> tuple[bool, ...]:
-        return tuple(b is not None for b in self.biases)
-
-    @property
-    def numel(self) -> int:
-        """d = Σ_i n_i (n_{i−1} + [bias]), the dimension of Param."""
-        return sum(t.numel() for t in self.tensors())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weights[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weights[0].device
-
-    def tensors(self) -> list[torch.Tensor]:
-        """All tensors in flattening order W_1, b_1, W_2, b_2, … (``None`` biases skipped)."""
-        out: list[torch.Tensor] = []
-        for W, b in zip(self.weights, self.biases, strict=True):
-            out.append(W)
-            if b is not None:
-                out.append(b)
-        return out
-
-    # -- flattening --------------------------------------------------------------------------
-    def flatten(self) -> torch.Tensor:
-        """θ as one vector of length d (Param ≃ R^d, §3.4)."""
-        return torch.cat([t.reshape(-1) for t in self.tensors()])
-
-    def unflatten(self, vector: torch.Tensor) -> StackParams:
-        """A StackParams with this structure filled from ``vector`` (length :attr:`numel`)."""
-        if vector.ndim != 1 or vector.numel() != self.numel:
-            raise ValueError(f"expected a vector of length {self.numel}, got shape {tuple(vector.shape)}")
-        chunks = iter(torch.split(vector, [t.numel() for t in self.tensors()]))
-        weights, biases = [], []
-        for W, b in zip(self.weights, self.biases, strict=True):
-            weights.append(next(chunks).view(W.shape))
-            biases.append(None if b is None else next(chunks).view(b.shape))
-        return StackParams(tuple(weights), tuple(biases))
-
-    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> StackParams:
-        """A StackParams with this structure built from tensors in :meth:`tensors` order.
-
-        Useful to wrap ``torch.autograd.grad(loss, params.tensors())`` as a gradient ∇L.
-        """
-        tensors = list(tensors)
-        if len(tensors) != len(self.tensors()):
-            raise ValueError(f"expected {len(self.tensors())} tensors, got {len(tensors)}")
-        it = iter(tensors)
-        weights, biases = [], []
-        for b in self.biases:
-            weights.append(next(it))
-            biases.append(None if b is None else next(it))
-        return StackParams(tuple(weights), tuple(biases))
-
-    # -- arithmetic (tangent vectors, ODE states) ---------------------------------------------
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StackParams:
-        """Apply ``fn`` to every tensor."""
-        return StackParams(
-            tuple(fn(W) for W in self.weights),
-            tuple(None if b is None else fn(b) for b in self.biases),
-        )
-
-    def zip_map(
-        self, other: StackParams, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    ) -> StackParams:
-        """Apply ``fn`` to matching tensors of two StackParams with the same structure."""
-        if self.widths != other.widths or self.has_bias != other.has_bias:
-            raise ValueError(f"structure mismatch: widths {self.widths} vs {other.widths}")
-        return StackParams(
-            tuple(fn(a, b) for a, b in zip(self.weights, other.weights, strict=True)),
-            tuple(
-                None if a is None else fn(a, b)  # type: ignore[arg-type]
-                for a, b in zip(self.biases, other.biases, strict=True)
-            ),
-        )
-
-    def __add__(self, other: StackParams) -> StackParams:
-        return self.zip_map(other, torch.add)
-
-    def __sub__(self, other: StackParams) -> StackParams:
-        return self.zip_map(other, torch.sub)
-
-    def __mul__(self, scalar: float | torch.Tensor) -> StackParams:
-        return self.map(lambda t: t * scalar)
-
-    __rmul__ = __mul__
-
-    def inner(self, other: StackParams) -> torch.Tensor:
-        """⟨θ, θ'⟩, contracting all indices (§3.4)."""
-        if self.widths != other.widths or self.has_bias != other.has_bias:
-            raise ValueError(f"structure mismatch: widths {self.widths} vs {other.widths}")
-        return sum(
-            ((a * b).sum() for a, b in zip(self.tensors(), other.tensors(), strict=True)),
-            torch.zeros((), dtype=self.dtype, device=self.device),
-        )
-
-    def norm(self) -> torch.Tensor:
-        return self.inner(self).sqrt()
-
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> StackParams:
-        return self.map(lambda t: t.to(device=device, dtype=dtype))
-
-    def detach(self) -> StackParams:
-        return self.map(lambda t: t.detach())
-
-    def clone(self) -> StackParams:
-        return self.map(lambda t: t.clone())
-
-    def requires_grad_(self) -> StackParams:
-        """A detached copy whose tensors require grad (for autograd through a loss)."""
-        return self.map(lambda t: t.detach().clone().requires_grad_(True))
-
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def random(
-        cls,
-        widths: Sequence[int],
-        *,
-        bias: bool | Sequence[bool] = True,
-        std: float | None = None,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> StackParams:
-        """Gaussian parameters for widths (n_0, …, n_L).
-
-        Args:
-            widths: (n_0, …, n_L), at least two entries.
-            bias: whether each layer has a bias (one bool for all layers, or one per layer).
-            std: entry standard deviation; ``None`` uses 1/√n_{i−1} per layer (LeCun).
-            generator: torch RNG for reproducibility.
-            dtype: float64 by default (the identities are checked in float64).
-        """
-        widths = [int(w) for w in widths]
-        if len(widths) < 2 or min(widths) < 1:
-            raise ValueError(f"widths must be >= 2 positive integers (n_0, ..., n_L), got {widths}")
-        L = len(widths) - 1
-        flags = [bool(bias)] * L if isinstance(bias, bool) else [bool(b) for b in bias]
-        if len(flags) != L:
-            raise ValueError(f"bias must be a bool or {L} bools, got {bias}")
-        weights, biases = [], []
-        for i in range(L):
-            s = std if std is not None else 1.0 / math.sqrt(widths[i])
-            weights.append(torch.randn(widths[i + 1], widths[i], generator=generator, dtype=dtype) * s)
-            biases.append(
-                torch.randn(widths[i + 1], generator=generator, dtype=dtype) * s if flags[i] else None
-            )
-        return cls(tuple(weights), tuple(biases))
-
-
 def stack_forward(params: StackParams, activations: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The feedforward function F_θ(x) of App. C.2, with no output activation.
-
-    Args:
-        params: θ with L layers.
-        activations: σ_1 … σ_{L−1} (callables on (…, n_i) tensors).
-        x: inputs.
+    """The feedforward function F_θ(x) of App. C.2, with no output activation
+    (:meth:`StackParams.forward` with exactly L − 1 hidden activations).
 
     Shape:
         x (B, n_0) → (B, n_L).
@@ -296,14 +78,7 @@ def stack_forward(params: StackParams, activations: Sequence[nn.Module], x: torc
             f"a stack of {params.num_layers} layers needs {params.num_layers - 1} hidden "
             f"activations, got {len(activations)}"
         )
-    h = x
-    for i, (W, b) in enumerate(zip(params.weights, params.biases, strict=True)):
-        h = h @ W.T
-        if b is not None:
-            h = h + b
-        if i < len(activations):
-            h = activations[i](h)
-    return h
+    return params.forward(x, activations)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -915,25 +690,12 @@ def module_layers(module: nn.Module) -> tuple[list[nn.Linear], list[Activation]]
 
 def stack_params(module: nn.Module, dtype: torch.dtype | None = torch.float64) -> StackParams:
     """θ of a SymModel/SymHead/MLP as a detached :class:`StackParams` (float64 by default)."""
-    linears, _ = module_layers(module)
-    weights = tuple(lin.weight.detach().to(dtype) for lin in linears)
-    biases = tuple(None if lin.bias is None else lin.bias.detach().to(dtype) for lin in linears)
-    return StackParams(weights, biases)
+    return StackParams.from_linears(module_layers(module)[0], dtype=dtype)
 
 
-@torch.no_grad()
 def load_stack_params(module: nn.Module, params: StackParams) -> None:
     """Copy θ into the Linear layers of ``module`` (in place, cast to each parameter's dtype)."""
-    linears, _ = module_layers(module)
-    current = stack_params(module, dtype=None)
-    if current.widths != params.widths or current.has_bias != params.has_bias:
-        raise ValueError(
-            f"parameters with widths {params.widths} do not fit a module with widths {current.widths}"
-        )
-    for lin, W, b in zip(linears, params.weights, params.biases, strict=True):
-        lin.weight.copy_(W.to(lin.weight.dtype))
-        if b is not None:
-            lin.bias.copy_(b.to(lin.bias.dtype))
+    params.copy_to(module_layers(module)[0])
 
 
 def transform_module(

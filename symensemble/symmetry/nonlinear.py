@@ -11,6 +11,7 @@ This module provides
 * :func:`equivariance` — the general equivariance c(g, z) = R_{σ(gz)} R_{σ(z)}⁻¹ (eq. 9, eq. 30);
 * :func:`nonlinear_action` — g·(U, V, x) = (U R_{σ(Vx)} R_{σ(gVx)}⁻¹, gV, x) (Theorem 4.1);
 * :func:`nonlinear_action_multilayer` — one g per hidden layer of an MLP (Prop. D.5);
+  both return the transformed parameters as a :class:`~.stack.StackParams` (batched over x);
 * :func:`lipschitz_bound` — the Lipschitz bound of a transformed network (Prop. 4.2);
 * :func:`pi_matrix` — the least-squares batch version π(g, H) = σ(H) σ(gH)⁺ used by the
   symmetry ensembles (App. I, eqs. 84–85, and App. D.4).
@@ -30,15 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Activation
+from .stack import StackParams
 
 __all__ = [
     "R_matrix",
     "R_inverse",
     "equivariance",
     "nonlinear_action",
-    "NonlinearAction",
     "nonlinear_action_multilayer",
-    "mlp_forward",
     "lipschitz_bound",
     "activation_lipschitz",
     "activation_nonvanishing",
@@ -268,18 +268,8 @@ def equivariance(g: Tensor, z: Tensor, sigma: ActivationFn) -> Tensor:
         g (..., h, h), z (..., h) → (..., h, h).
     """
     _check_square(g, z.shape[-1])
-    a, b = sigma(z), sigma(_matvec(g, z))
-    _check_locus(a, "σ(z)")
-    _check_locus(b, "σ(gz)")
+    a, b = _sigma_pair(g, z, sigma, "σ(z)", "σ(gz)")
     return R_matrix(b) @ R_inverse(a)
-
-
-class NonlinearAction(NamedTuple):
-    """Transformed two-layer parameters g·(U, V, b_V) (b_V is ``None`` without a bias)."""
-
-    U: Tensor
-    V: Tensor
-    b_V: Tensor | None
 
 
 def nonlinear_action(
@@ -290,8 +280,9 @@ def nonlinear_action(
     sigma: ActivationFn,
     *,
     b_V: Tensor | None = None,
+    b_U: Tensor | None = None,
     require_nonvanishing: bool = True,
-) -> NonlinearAction:
+) -> StackParams:
     """g·(U, V, x) = (U R_{σ(Vx)} R_{σ(gVx)}⁻¹, gV, x), the action of Theorem 4.1 / D.4.
 
     The network F(x) = U σ(Vx + b_V) + b_U keeps its value at x: with U' = U R_{σ(Vx)}
@@ -307,10 +298,12 @@ def nonlinear_action(
         g: (..., h, h) element of GL_h.
         sigma: hidden activation, applied to the last dimension.
         b_V: optional (h,) (or (..., h)) lower bias; the pre-activation is Vx + b_V.
+        b_U: optional output bias, carried over unchanged.
         require_nonvanishing: refuse activations known to vanish at nonzero inputs (ReLU).
 
     Returns:
-        :class:`NonlinearAction` (U', V', b_V').
+        The transformed head as a two-layer :class:`~.stack.StackParams`: ``.U`` = U',
+        ``.V`` = V', ``.b_V`` = b_V' (``None`` without a bias), ``.b_U`` = b_U.
 
     Raises:
         ValueError: mismatched shapes; an activation vanishing at nonzero inputs; σ(Vx) = 0 or
@@ -339,15 +332,22 @@ def nonlinear_action(
             raise ValueError(f"b_V must have {h} entries, got shape {tuple(b_V.shape)}")
         z = z + b_V
     c_inv = _inverse_equivariance(g, z, sigma)
-    return NonlinearAction(U @ c_inv, g @ V, None if b_V is None else _matvec(g, b_V))
+    return StackParams.two_layer(U @ c_inv, g @ V, None if b_V is None else _matvec(g, b_V), b_U)
 
 
 def _inverse_equivariance(g: Tensor, z: Tensor, sigma: ActivationFn) -> Tensor:
     """c(g, z)⁻¹ = R_{σ(z)} R_{σ(gz)}⁻¹ with the locus checks."""
-    a, b = sigma(z), sigma(_matvec(g, z))
-    _check_locus(a, "σ(Vx)")
-    _check_locus(b, "σ(gVx)")
+    a, b = _sigma_pair(g, z, sigma, "σ(Vx)", "σ(gVx)")
     return R_matrix(a) @ R_inverse(b)
+
+
+def _sigma_pair(g: Tensor, z: Tensor, sigma: ActivationFn, what_z: str, what_gz: str
+                ) -> tuple[Tensor, Tensor]:
+    """(σ(z), σ(gz)), refusing a zero vector in either (off the non-degenerate locus)."""
+    a, b = sigma(z), sigma(_matvec(g, z))
+    _check_locus(a, what_z)
+    _check_locus(b, what_gz)
+    return a, b
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,73 +355,14 @@ def _inverse_equivariance(g: Tensor, z: Tensor, sigma: ActivationFn) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _identity_act(z: Tensor) -> Tensor:
-    return z
-
-
-def mlp_forward(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None] | None,
-    x: Tensor,
-    activations: Sequence[ActivationFn],
-) -> Tensor:
-    """F_θ(x) = σ_L(W_L σ_{L−1}(⋯ σ_1(W_1 x + b_1) ⋯) + b_L) (App. C.2 / D.3 notation).
-
-    Args:
-        weights: W_1, …, W_L with W_i of shape (n_i, n_{i−1}) (or batched (..., n_i, n_{i−1})).
-        biases: b_1, …, b_L (entries may be ``None``), or ``None`` for no biases.
-        x: (..., n_0) inputs.
-        activations: σ_1, …, σ_{L−1} for the hidden layers, optionally followed by σ_L
-            (identity when omitted).
-
-    Shape:
-        x (..., n_0) → (..., n_L).
-    """
-    acts = _layer_activations(weights, activations)
-    bs = _layer_biases(weights, biases)
-    z = x
-    for W, b, act in zip(weights, bs, acts, strict=True):
-        z = _matvec(W, z) if b is None else _matvec(W, z) + b
-        z = act(z)
-    return z
-
-
-def _layer_activations(
-    weights: Sequence[Tensor], activations: Sequence[ActivationFn]
-) -> list[ActivationFn]:
-    L = len(weights)
-    if L < 1:
-        raise ValueError("need at least one layer")
-    acts = list(activations)
-    if len(acts) == L - 1:
-        acts.append(_identity_act)
-    if len(acts) != L:
-        raise ValueError(
-            f"{L} layers need {L - 1} hidden activations (optionally plus an output one), "
-            f"got {len(activations)}"
-        )
-    return acts
-
-
-def _layer_biases(
-    weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None
-) -> list[Tensor | None]:
-    if biases is None:
-        return [None] * len(weights)
-    if len(biases) != len(weights):
-        raise ValueError(f"got {len(weights)} weight matrices but {len(biases)} biases")
-    return list(biases)
-
-
 def nonlinear_action_multilayer(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None] | None,
+    params: StackParams,
     x: Tensor,
     gs: Sequence[Tensor],
     activations: Sequence[ActivationFn],
     *,
     require_nonvanishing: bool = True,
-) -> tuple[list[Tensor], list[Tensor | None]]:
+) -> StackParams:
     """The action of GL_{n_1} × ⋯ × GL_{n_{L−1}} on an L-layer MLP at x (Prop. D.5).
 
     With Z_i the pre-activations at x, F̃_i = σ_i(Z_i), g_0 = g_L = I:
@@ -431,15 +372,14 @@ def nonlinear_action_multilayer(
     writes the range i = 1, …, L−1; the last layer is transformed too, with g_L = I.)
 
     Args:
-        weights: W_1, …, W_L, W_i of shape (n_i, n_{i−1}).
-        biases: b_1, …, b_L (entries may be ``None``) or ``None``.
+        params: θ = (W_i, b_i), W_i of shape (n_i, n_{i−1}) (or batched).
         x: (..., n_0) the data point; leading dimensions give batched results.
         gs: g_1, …, g_{L−1}, g_i of shape (..., n_i, n_i) — one per hidden layer.
         activations: σ_1, …, σ_{L−1} (plus optionally σ_L, which is not acted on).
         require_nonvanishing: refuse hidden activations known to vanish at nonzero inputs.
 
     Returns:
-        (weights', biases') with the same layout (biases' entries ``None`` where absent).
+        The transformed θ (same layout; biases ``None`` where absent).
 
     Raises:
         ValueError: wrong number of g's, shape mismatches, a vanishing activation, or a
@@ -448,43 +388,47 @@ def nonlinear_action_multilayer(
     Shape:
         W_i (n_i, n_{i−1}), x (..., n_0), g_i (..., n_i, n_i) → W_i' (..., n_i, n_{i−1}).
     """
-    L = len(weights)
-    acts = _layer_activations(weights, activations)
-    bs = _layer_biases(weights, biases)
-    if len(gs) != L - 1:
-        raise ValueError(
-            f"an MLP with {L} layers has {L - 1} hidden layers and needs one g per hidden layer, "
-            f"got {len(gs)}"
-        )
-    for i, (W, g) in enumerate(zip(weights[:-1], gs, strict=True), start=1):
-        _check_square(g, W.shape[-2], f"g_{i}")
-        if require_nonvanishing:
-            _require_nonvanishing(acts[i - 1], f"nonlinear_action_multilayer (layer {i})")
+    acts = _check_multilayer(params, x, gs, activations, require_nonvanishing)
     new_w: list[Tensor] = []
     new_b: list[Tensor | None] = []
     z_prev: Tensor | None = None  # Z_{i-1}
     g_prev: Tensor | None = None
     inp = x
-    for i, (W, b) in enumerate(zip(weights, bs, strict=True), start=1):
-        if W.shape[-1] != inp.shape[-1]:
-            raise ValueError(
-                f"W_{i} expects {W.shape[-1]} inputs, layer {i - 1} gives {inp.shape[-1]}"
-            )
-        g = gs[i - 1] if i < L else None
+    for i, (W, b) in enumerate(zip(params.weights, params.biases, strict=True), start=1):
+        g = gs[i - 1] if i < params.num_layers else None
         if z_prev is None:
             right = W
         else:
-            act = acts[i - 2]
-            a, bvec = act(z_prev), act(_matvec(g_prev, z_prev))
-            _check_locus(a, f"σ_{i - 1}(Z_{i - 1})")
-            _check_locus(bvec, f"σ_{i - 1}(g_{i - 1} Z_{i - 1})")
+            a, bvec = _sigma_pair(g_prev, z_prev, acts[i - 2], f"σ_{i - 1}(Z_{i - 1})",
+                                  f"σ_{i - 1}(g_{i - 1} Z_{i - 1})")
             right = W @ (R_matrix(a) @ R_inverse(bvec))
         new_w.append(right if g is None else g @ right)
         new_b.append(None if b is None else (b if g is None else _matvec(g, b)))
         z = _matvec(W, inp) if b is None else _matvec(W, inp) + b
         z_prev, g_prev = z, g
-        inp = acts[i - 1](z)
-    return new_w, new_b
+        inp = acts[i - 1](z) if i - 1 < len(acts) else z
+    return StackParams(tuple(new_w), tuple(new_b))
+
+
+def _check_multilayer(
+    params: StackParams, x: Tensor, gs: Sequence[Tensor], activations: Sequence[ActivationFn],
+    require_nonvanishing: bool,
+) -> list[ActivationFn]:
+    """Validate the arguments of :func:`nonlinear_action_multilayer`; returns the activations."""
+    L = params.num_layers
+    acts = params.check_activations(activations)
+    if len(gs) != L - 1:
+        raise ValueError(
+            f"an MLP with {L} layers has {L - 1} hidden layers and needs one g per hidden layer, "
+            f"got {len(gs)}"
+        )
+    for i, (W, g) in enumerate(zip(params.weights[:-1], gs, strict=True), start=1):
+        _check_square(g, W.shape[-2], f"g_{i}")
+        if require_nonvanishing:
+            _require_nonvanishing(acts[i - 1], f"nonlinear_action_multilayer (layer {i})")
+    if params.weights[0].shape[-1] != x.shape[-1]:
+        raise ValueError(f"W_1 expects {params.weights[0].shape[-1]} inputs, x has {x.shape[-1]}")
+    return acts
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,9 +472,7 @@ def lipschitz_bound(
     h = V.shape[-2]
     _check_square(g, h)
     z = _matvec(V, x) if b_V is None else _matvec(V, x) + b_V
-    a, b = sigma(z), sigma(_matvec(g, z))
-    _check_locus(a, "σ(Vx)")
-    _check_locus(b, "σ(gVx)")
+    a, b = _sigma_pair(g, z, sigma, "σ(Vx)", "σ(gVx)")
     op = torch.linalg.matrix_norm
     ratio = torch.linalg.vector_norm(a, dim=-1) / torch.linalg.vector_norm(b, dim=-1)
     return eta * op(U, ord=2) * op(V, ord=2) * op(g, ord=2) * ratio
