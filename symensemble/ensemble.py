@@ -42,6 +42,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .inputs import check_model_input, require_finite
+from .runtime import eval_mode, thread_cap
 from .symmetry.activations import Activation
 from .symmetry.stack import StackParams
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
@@ -408,15 +409,11 @@ class SymmetryEnsemble(nn.Module):
         """Pre-activations H = V(embed(x)) of the calibration images, model in eval mode."""
         model = self.base_model
         device = _model_device(model)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             out = [
                 self._hidden(images[i : i + batch_size].to(device))
                 for i in range(0, images.shape[0], batch_size)
             ]
-        finally:
-            model.train(was_training)
         return torch.cat(out)
 
     # ----------------------------------------------------------------------------------------
@@ -711,21 +708,6 @@ def _check_distinct(hidden: Tensor, s: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Cap torch's intra-op CPU threads at max(1, n) inside the block (never raise them)."""
-    old = torch.get_num_threads()
-    n = max(1, int(n))
-    if n >= old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _few_threads(h: int) -> contextlib.AbstractContextManager[None]:
     """Run the many tiny float64 LAPACK calls of a draw on one thread when h is small.
 
@@ -733,7 +715,7 @@ def _few_threads(h: int) -> contextlib.AbstractContextManager[None]:
     on (G, h, h) batches then contend with them and a 5 ms draw can take seconds (measured
     3.2 s vs 4 ms on 2 cores). One thread avoids that; large h keeps all threads.
     """
-    return _threads(1 if h <= 64 else torch.get_num_threads())
+    return thread_cap(1 if h <= 64 else torch.get_num_threads())
 
 
 def _flatten(x: Tensor) -> Tensor:
@@ -748,17 +730,14 @@ def _check_composition(
     if images is None:
         return
     x = images[:n].to(_model_device(model))
-    was_training = model.training
-    model.eval()
     try:
-        expected = model(x)
-        got = parts.U(parts.act(parts.V(parts.embed(x))))
+        with eval_mode(model):
+            expected = model(x)
+            got = parts.U(parts.act(parts.V(parts.embed(x))))
     except Exception as err:  # noqa: BLE001 - report any failure as a wrong decomposition
         raise ValueError(
             f"could not evaluate U(act(V(embed(x)))) on the calibration images: {err}"
         ) from None
-    finally:
-        model.train(was_training)
     if not isinstance(expected, Tensor) or expected.shape != got.shape:
         raise ValueError(
             f"model(x) has shape {getattr(expected, 'shape', type(expected))} but "

@@ -27,22 +27,22 @@ evaluation (:mod:`symensemble.sanity`) and come back as warnings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
 from .distributed import DistInfo, all_reduce_sum, current, rank_device, shard
 from .evalconfig import EvalConfig
 from .plan import ROBUST, Kind, Role, Unit, plan
 from .records import WHITEBOX, WORST, EvaluationResult, Record, wilson_interval
 from .runner import Runner
+from .runtime import eval_mode, git_revision, versions
 from .sanity import sanity_checks
 from .targets import (
     build_targets,
@@ -105,23 +105,18 @@ def evaluate(
         raise ValueError(f"evaluate(): {err}") from None
     info = current()
     dev = rank_device(config.device, info)
-    was_training = model.training if isinstance(model, nn.Module) else None
-    try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(derive_seed(config.seed, "setup"))
-            base, model_info = load_target_model(model, dev)
-            dataset = load_dataset(data)
-            subset = stratified_subset(dataset.test.labels, config.n, config.seed)
-            x_all, y_all = split_tensors(dataset.test, subset)
-            num_classes = _num_classes(base, dataset)
-            targets, calibration = build_targets(base, dataset, config, dev, ensemble_factory)
-            units = plan(config, targets)
-            runner = Runner(targets[0], config, num_classes)
-            flags, seconds = _run(units, runner, x_all, y_all, config, info, dev, progress)
-            records, probes, flag_map = _to_records(units, flags)
-    finally:
-        if was_training is not None:
-            model.train(was_training)
+    with _caller_state(model, dev):
+        torch.manual_seed(derive_seed(config.seed, "setup"))
+        base, model_info = load_target_model(model, dev)
+        dataset = load_dataset(data)
+        subset = stratified_subset(dataset.test.labels, config.n, config.seed)
+        x_all, y_all = split_tensors(dataset.test, subset)
+        num_classes = _num_classes(base, dataset)
+        targets, calibration = build_targets(base, dataset, config, dev, ensemble_factory)
+        units = plan(config, targets)
+        runner = Runner(targets[0], config, num_classes)
+        flags, seconds = _run(units, runner, x_all, y_all, config, info, dev, progress)
+        records, probes, flag_map = _to_records(units, flags)
     warnings = sanity_checks(records, probes, num_classes=num_classes, config=config)
     for w in warnings:
         log.warning("%s", w)
@@ -134,8 +129,8 @@ def evaluate(
         "stochastic_targets": [t.key for t in targets if t.stochastic],
         "sanity_probes": [u.note for u in units if u.role is Role.PROBE and u.note],
         "world_size": info.world_size,
-        "versions": _versions(),
-        "git_revision": _git_revision(),
+        "versions": versions(),
+        "git_revision": git_revision(),
         "started_at": started_at,
         "elapsed_s": round(time.perf_counter() - started, 3),
         "grid_seconds": {u.key: round(sec, 3) for u, sec in zip(units, seconds, strict=True)},
@@ -143,6 +138,17 @@ def evaluate(
     settings = {**model_info, **_config_settings(config), **context}
     return EvaluationResult(settings=settings, records=records, warnings=warnings, probes=probes,
                             config=config, flags=flag_map)
+
+
+@contextlib.contextmanager
+def _caller_state(model: Any, dev: torch.device) -> Iterator[None]:
+    """Give the caller back its model's train/eval flags and torch's random state."""
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if isinstance(model, nn.Module):
+            with eval_mode(model):
+                yield
+        else:
+            yield
 
 
 def _num_classes(base: nn.Module, dataset: Any) -> int:
@@ -156,23 +162,6 @@ def _config_settings(config: EvalConfig) -> dict[str, Any]:
     out = config.to_dict()
     out["transforms"] = ["original", *config.ensemble_transforms]
     return out
-
-
-def _versions() -> dict[str, str]:
-    import torchattacks
-
-    return {
-        "symensemble": __version__,
-        "torch": torch.__version__,
-        "torchattacks": getattr(torchattacks, "__version__", "unknown"),
-        "python": platform.python_version(),
-    }
-
-
-def _git_revision() -> str:
-    from .checkpoint import git_revision
-
-    return git_revision()
 
 
 def _run(units: list[Unit], runner: Runner, x_all: torch.Tensor, y_all: torch.Tensor,

@@ -18,13 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, to_jsonable
+from .plotting import figure_png, new_figure
 from .records import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record, format_eps
 
 PORTFOLIO = "portfolio"
@@ -243,41 +243,14 @@ def records_csv(result: EvaluationResult) -> str:
     return buf.getvalue()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def results_json(result: EvaluationResult) -> str:
     """``{"settings", "records", "warnings", "probes"}`` as indented JSON text."""
-    return json.dumps(_jsonable(result.to_dict()), indent=2) + "\n"
+    return json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
 
 
 def _accuracy_lines(sel: list[Record], xkey: str, step_values: list | None
@@ -322,10 +295,11 @@ def plot_accuracy(result: EvaluationResult, *, num_members: int | None = None,
         threats.append(WORST)
     attacks = list(dict.fromkeys(r.attack for r in result.records))
     transforms = [t for t in settings.get("transforms", []) if t != ORIGINAL]
-    fig = _new_figure(5.2 * max(len(threats), 1), 4.0 * len(attacks))
+    fig, axes = new_figure(len(attacks), max(len(threats), 1),
+                           figsize=(5.2 * max(len(threats), 1), 4.0 * len(attacks)),
+                           squeeze=False, sharey=True)
     colors = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown",
               "tab:pink", "tab:olive", "tab:cyan"]
-    axes = fig.subplots(len(attacks), max(len(threats), 1), squeeze=False, sharey=True)
     for i, attack in enumerate(attacks):
         recs = [r for r in result.records if r.attack == attack]
         use_steps = len({r.eps for r in recs}) == 1 and len({r.steps for r in recs}) > 1
@@ -410,10 +384,11 @@ def plot_delta_heatmap(result: EvaluationResult, *, attack: str | None = None,
         grids[t] = grid
     finite = [np.nanmax(np.abs(g)) for g in grids.values() if np.isfinite(g).any()]
     vmax = max(finite + [1e-3])
-    fig = _new_figure(0.45 * len(members) * max(len(transforms), 1) + 2.5,
-                      1.2 + 0.38 * len(radii))
+    fig, axes = new_figure(1, max(len(transforms), 1), squeeze=False,
+                           figsize=(0.45 * len(members) * max(len(transforms), 1) + 2.5,
+                                    1.2 + 0.38 * len(radii)))
     fig.set_layout_engine("constrained")
-    axes = fig.subplots(1, max(len(transforms), 1), squeeze=False)[0]
+    axes = axes[0]
     image = None
     for i, (ax, t) in enumerate(zip(axes, transforms, strict=False)):
         grid = grids[t]
@@ -466,13 +441,13 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *,
         atomic_write_text(out / name, text)
         written[name] = out / name
     if figures and result.records:
-        atomic_write_bytes(out / "accuracy_vs_eps.png", _png_bytes(plot_accuracy(result)))
+        atomic_write_bytes(out / "accuracy_vs_eps.png", figure_png(plot_accuracy(result)))
         written["accuracy_vs_eps.png"] = out / "accuracy_vs_eps.png"
         s = result.settings
         if len(s.get("num_members", [])) > 1 or len(s.get("ensemble_eps", [])) > 1:
             if [t for t in s.get("transforms", []) if t != ORIGINAL]:
                 atomic_write_bytes(out / "delta_heatmap.png",
-                                   _png_bytes(plot_delta_heatmap(result)))
+                                   figure_png(plot_delta_heatmap(result)))
                 written["delta_heatmap.png"] = out / "delta_heatmap.png"
     return written
 

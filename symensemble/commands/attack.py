@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,40 +13,9 @@ import click
 from ..attacks import DEFAULT_EOT_ITER, list_attacks
 from ..evalconfig import PROTOCOLS
 from ..records import DEFAULT_TRANSFORMS, THREATS, parse_eps, transform_choices
+from .options import CommaList
 
 __all__ = ["command", "CommaList", "run_and_report", "resolve_device"]
-
-
-class CommaList(click.ParamType):
-    """A comma-separated list, each item converted by ``convert_item`` (errors name the item)."""
-
-    name = "list"
-
-    def __init__(self, convert_item: Callable[[str], Any], what: str,
-                 choices: Callable[[], list[str]] | None = None) -> None:
-        self.convert_item = convert_item
-        self.what = what
-        self.choices = choices
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list:
-        if isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [v.strip() for v in str(value).split(",") if v.strip()]
-        if not items:
-            self.fail(f"expected at least one {self.what}", param, ctx)
-        out = []
-        allowed = self.choices() if self.choices else None
-        for item in items:
-            if allowed is not None and str(item).strip().lower() not in allowed:
-                self.fail(f"unknown {self.what} {item!r}; expected one of {', '.join(allowed)}",
-                          param, ctx)
-            try:
-                out.append(self.convert_item(item) if not isinstance(item, (int, float))
-                           else item)
-            except ValueError as err:
-                self.fail(str(err), param, ctx)
-        return list(dict.fromkeys(out))
 
 
 def _int_item(minimum: int) -> Callable[[str], int]:
@@ -87,22 +55,18 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> flo
 
 
 def resolve_device(device: str, param_hint: str = "--device") -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` must be available.
+    """:func:`symensemble.runtime.resolve_device` as a device string, errors as click errors.
 
     Raises:
         click.BadParameter: ``cuda`` asked for but torch sees no CUDA device (``param_hint``
             names where the value came from).
     """
-    import torch
+    from ..runtime import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter(
-            f"{device!r} was asked for but torch sees no CUDA device on this machine "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
-            "expected 'cpu' or 'auto'", param_hint=param_hint)
-    return device
+    try:
+        return str(resolve(device))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=param_hint) from None
 
 
 def _evaluate(config: Any, model: str, data: Path | None, *, quiet: bool, context: str = ""):
@@ -157,6 +121,7 @@ def run_and_report(config: Any, model: str, data: Path | None, out: Path | None,
         title: the recipe's title (recorded in the settings and comparison.md).
         context: prefix of usage errors (the recipe path).
     """
+    from ..io import default_run_dir
     from ..report import compare_with_paper, markdown_table, portfolio_table, warnings_text
 
     result = _evaluate(config, model, data, quiet=quiet, context=context)
@@ -167,7 +132,7 @@ def run_and_report(config: Any, model: str, data: Path | None, out: Path | None,
         result.settings["recipe"] = {"path": context.rstrip(": "), "title": title}
     comparison = compare_with_paper(result, paper) if paper else ""
     extra = {"comparison.md": f"# {title}\n\n{comparison}"} if comparison else {}
-    out = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out or default_run_dir(name)
     written = _write(result, out, figures=figures, extra=extra)
     click.echo("")
     click.echo(markdown_table(result))
