@@ -90,21 +90,39 @@ def sanity_checks(
     Returns:
         Warning strings (empty when all checks pass).
     """
-    warnings: list[str] = []
-    # Targets at chance on clean images are (nearly) constant classifiers: any attack leaves
-    # them their class share, so their rows carry no signal about the attack. Skip them.
+    skip = _at_chance(list(records) + list(probes), num_classes, z, tol)
+    grid = [r for r in records if _who(r) not in skip]
+    everything = grid + [r for r in probes if _who(r) not in skip]
+    warnings = _non_monotonic(grid, z, tol)
+    warnings += _iterative_weaker(grid, everything, z, tol)
+    warnings += _adaptive_weaker(everything, z, tol)
+    if config is not None and getattr(config, "protocol", None) == "paper":
+        warnings += _weak_attack(grid)
+    warnings += portfolio_checks(grid, z=z, tol=tol)
+    warnings += _large_eps(everything, large_eps_max_accuracy)
+    return warnings
+
+
+def _who(r: Record) -> tuple:
+    return (r.transform, r.num_members, r.ensemble_eps)
+
+
+def _at_chance(rows: Sequence[Record], num_classes: int, z: float, tol: float) -> set[tuple]:
+    """Targets whose clean accuracy is at chance: (nearly) constant classifiers keep their
+    class share under any attack, so their rows carry no signal about the attack."""
     chance = 1.0 / max(num_classes, 1)
-    at_chance = set()
-    for r in list(records) + list(probes):
+    out = set()
+    for r in rows:
         if r.eps == 0 or r.steps == 0:
             se = math.sqrt(chance * (1 - chance) / max(r.n, 1))
             if r.accuracy <= chance + max(tol, z * se):
-                at_chance.add((r.transform, r.num_members, r.ensemble_eps))
-    grid = [r for r in records if (r.transform, r.num_members, r.ensemble_eps) not in at_chance]
-    everything = grid + [r for r in probes
-                         if (r.transform, r.num_members, r.ensemble_eps) not in at_chance]
+                out.add(_who(r))
+    return out
 
-    # 1. monotonic in eps (fixed steps) and in steps (fixed eps)
+
+def _non_monotonic(grid: Sequence[Record], z: float, tol: float) -> list[str]:
+    """Check 1: accuracy rising with eps (at fixed steps) or with steps (at fixed eps)."""
+    warnings = []
     for vary, fixed in (("eps", "steps"), ("steps", "eps")):
         series: dict[tuple, list[Record]] = defaultdict(list)
         for r in grid:
@@ -127,12 +145,17 @@ def sanity_checks(
                     break
                 if r.accuracy < lowest.accuracy:
                     lowest = r
+    return warnings
 
-    # 2. iterative attack weaker than single-step FGSM at the same eps
+
+def _iterative_weaker(grid: Sequence[Record], everything: Sequence[Record], z: float,
+                      tol: float) -> list[str]:
+    """Check 2: an iterative attack weaker than single-step FGSM at the same eps."""
     fgsm = {(r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps): r
             for r in everything if r.attack == "fgsm" and r.eps > 0}
+    warnings = []
     for r in grid:
-        if r.attack == "fgsm" or r.eps == 0 or r.steps == 0:
+        if r.attack in ("fgsm", "portfolio") or r.eps == 0 or r.steps == 0:
             continue
         ref = fgsm.get((r.transform, r.threat, r.num_members, r.ensemble_eps, r.eps))
         if ref is not None and _significantly_greater(r, ref, z, tol):
@@ -142,10 +165,14 @@ def sanity_checks(
                 "should be at least as strong (too small a step size, too few steps, or "
                 "gradient masking)"
             )
+    return warnings
 
-    # 3. adaptive weaker than transfer at the same strength
+
+def _adaptive_weaker(everything: Sequence[Record], z: float, tol: float) -> list[str]:
+    """Check 3: the adaptive attack weaker than the transfer attack at the same strength."""
     transfer = {(r.attack, r.transform, r.num_members, r.ensemble_eps, r.eps, r.steps): r
                 for r in everything if r.threat == "transfer"}
+    warnings = []
     for r in everything:
         if r.threat != "adaptive" or r.eps == 0 or r.steps == 0:
             continue
@@ -157,22 +184,19 @@ def sanity_checks(
                 f"({ref.accuracy:.3f}); the ensemble's own gradients are less useful than a "
                 "surrogate's — do not trust the adaptive number as a robustness claim"
             )
-
-    # 5. and 6.
-    if config is not None and getattr(config, "protocol", None) == "paper":
-        warnings += _weak_attack(grid)
-    warnings += portfolio_checks(grid, z=z, tol=tol)
-
-    # 4. PGD at a large eps must break the model
-    for r in everything:
-        if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
-                and r.threat in ("adaptive", WHITEBOX) and r.accuracy > large_eps_max_accuracy):
-            warnings.append(
-                f"[large-eps] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
-                f"accuracy (expected about 0, at most {large_eps_max_accuracy:g}); the attack "
-                "does not work on this model — gradient masking or a broken pipeline"
-            )
     return warnings
+
+
+def _large_eps(everything: Sequence[Record], max_accuracy: float) -> list[str]:
+    """Check 4: PGD at a large eps must break the model."""
+    return [
+        f"[large-eps] {_label(r)} at eps={format_eps(r.eps)} leaves {r.accuracy:.3f} "
+        f"accuracy (expected about 0, at most {max_accuracy:g}); the attack "
+        "does not work on this model — gradient masking or a broken pipeline"
+        for r in everything
+        if (r.attack == "pgd" and abs(r.eps - LARGE_EPS) < 1e-9
+            and r.threat in ("adaptive", WHITEBOX) and r.accuracy > max_accuracy)
+    ]
 
 
 #: Iterations below which an attack is "short" for check 5.
