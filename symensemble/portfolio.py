@@ -8,14 +8,15 @@ attacks on it stall while the vote is still easy to flip. The portfolio therefor
 every radius, a cascade of complementary attacks in the manner of AutoAttack (Croce & Hein
 2020) — each attack only tries the images that every earlier one left robust:
 
-1. ``apgd-ce``: APGD on the cross-entropy of the target's differentiable aggregate.
-2. ``apgd-dlr``: APGD on the Difference-of-Logits-Ratio loss, invariant to the logits'
+1. ``pgd-transfer``: PGD with random restarts crafted on the base model (the paper's threat,
+   made iterative), and 2. ``fgsm-transfer``: the paper's single-step transfer. Crafted
+   once per batch and shared by every target, they are cheap, so they run first.
+3. ``apgd-ce``: APGD on the cross-entropy of the target's differentiable aggregate.
+4. ``apgd-dlr``: APGD on the Difference-of-Logits-Ratio loss, invariant to the logits'
    shift and scale, so saturation cannot hide the gradient.
-3. ``apgd-softvote``: APGD-CE on a non-saturating surrogate of the vote
+5. ``apgd-softvote``: APGD-CE on a non-saturating surrogate of the vote
    (:class:`SoftVote`: the mean of member softmaxes after scaling each member's logits to
    unit spread).
-4. ``pgd-transfer``: PGD with random restarts crafted on the base model (the paper's threat,
-   made iterative), and 5. ``fgsm-transfer``: the paper's single-step transfer.
 6. ``square`` (optional): the gradient-free Square attack (Andriushchenko et al. 2020) with a
    query budget, AutoAttack's check against masked gradients.
 
@@ -225,18 +226,20 @@ class SquareAttack(Component):
 
 def portfolio_components(*, apgd_steps: int = 100, restarts: int = 1, transfer_steps: int = 20,
                          transfer_restarts: int = 1, square_queries: int = 0) -> list[Component]:
-    """The cascade in the order it runs (adaptive first, as AutoAttack; Square last).
+    """The cascade in the order it runs: cheapest per target first, Square last.
 
-    Transfer attacks run after the adaptive ones, so the images they still break are images
-    every attack on the target's own gradients missed: the gradient-masking signal.
+    Transfer examples are crafted once per batch on the base model and shared by every
+    target, so scoring them costs each target one forward; they run first and leave the
+    100-step adaptive attacks only the images they could not break. Square runs last, so the
+    images it breaks are images every gradient attack missed (AutoAttack's masking check).
     """
     comps: list[Component] = [
+        TransferPGD("pgd-transfer", steps=transfer_steps, restarts=transfer_restarts),
+        TransferFGSM("fgsm-transfer"),
         APGDAttack("apgd-ce", loss="ce", steps=apgd_steps, restarts=restarts),
         APGDAttack("apgd-dlr", loss="dlr", steps=apgd_steps, restarts=restarts),
         APGDAttack("apgd-softvote", loss="ce", surrogate="softvote", steps=apgd_steps,
                    restarts=restarts),
-        TransferPGD("pgd-transfer", steps=transfer_steps, restarts=transfer_restarts),
-        TransferFGSM("fgsm-transfer"),
     ]
     if square_queries > 0:
         comps.append(SquareAttack("square", queries=square_queries))

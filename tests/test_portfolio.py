@@ -234,14 +234,14 @@ def test_portfolio_checks_flag_masking_and_non_convergence():
         return Record("group", threat, "portfolio", 0.03, None, correct / 500, 0, 1, 500,
                       correct, 200, 10.0, None, broken)
 
-    healthy = [row("clean", 300), row("apgd-ce", 100, 200), row("apgd-dlr", 98, 2),
-               row("apgd-softvote", 97, 1), row("pgd-transfer", 96, 1),
-               row("fgsm-transfer", 96, 0), row("robust", 96)]
+    healthy = [row("clean", 300), row("pgd-transfer", 150, 150), row("fgsm-transfer", 150, 0),
+               row("apgd-ce", 100, 50), row("apgd-dlr", 98, 2), row("apgd-softvote", 97, 1),
+               row("robust", 97)]
     assert portfolio_checks(healthy) == []
-    masked = healthy[:4] + [row("pgd-transfer", 40, 57), row("fgsm-transfer", 40, 0),
-                            row("robust", 40)]
-    assert any(w.startswith("[gradient-masking]") for w in portfolio_checks(masked))
-    slow = healthy[:3] + [row("apgd-softvote", 60, 38)] + healthy[4:]
+    masked = healthy[:6] + [row("square", 40, 57), row("robust", 40)]
+    assert any(w.startswith("[square-beats-gradients]") for w in portfolio_checks(masked))
+    assert portfolio_checks(healthy[:6] + [row("square", 96, 1), row("robust", 96)]) == []
+    slow = healthy[:5] + [row("apgd-softvote", 60, 38), row("robust", 60)]
     assert any(w.startswith("[not-converged]") for w in portfolio_checks(slow))
 
 
