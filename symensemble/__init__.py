@@ -39,6 +39,7 @@ _EXPORTS = {
     "evaluate": "symensemble.evaluation",
     "EvalConfig": "symensemble.evalconfig",
     "build_ensemble": "symensemble.targets",
+    "stratified_subset": "symensemble.targets",
     "EvaluationResult": "symensemble.records",
     "load_results": "symensemble.records",
 }
