@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)  # identical numerics in every process
     import symensemble as se
     from symensemble.data import CIFAR10, Split
-    from symensemble.distributed import is_main_process
+    from symensemble.distributed import distributed, is_main_process
 
     gen = torch.Generator().manual_seed(0)
     templates = torch.rand(10, 3, 32, 32, generator=gen)
@@ -63,16 +63,23 @@ SCRIPT = textwrap.dedent("""
     data = CIFAR10(split(100), split(10), split(60), tuple("abcdefghij"), "synthetic")
     torch.manual_seed(0)
     model = se.create_model("paper_cnn", hidden=4, channels=2).eval()
-    result = se.evaluate(model, data, n=50, attack=["fgsm", "pgd"], eps=[0, 0.03], steps=[2],
-                         transforms=["original", "group", "random"], num_members=3,
-                         ensemble_eps=1.0, batch_size=8, sanity=True, resample_members=False)
-    stochastic = se.evaluate(model, data, n=30, attack="fgsm", eps=[0.03], batch_size=8,
-                             transforms=["group"], num_members=2, ensemble_eps=1.0,
-                             resample_members=True, eot_iter=2, sanity=False)
-    if is_main_process():
+    with distributed("cpu"):  # the caller owns the process group
+        result = se.evaluate(model, data, n=50, attack=["fgsm", "pgd"], eps=[0, 0.03],
+                             steps=[2], transforms=["original", "group", "random"],
+                             num_members=3, ensemble_eps=1.0, batch_size=8, sanity=True,
+                             resample_members=False)
+        stochastic = se.evaluate(model, data, n=30, attack="fgsm", eps=[0.03], batch_size=8,
+                                 transforms=["group"], num_members=2, ensemble_eps=1.0,
+                                 resample_members=True, eot_iter=2, sanity=False)
+        portfolio = se.evaluate(model, data, n=30, eps=[0, 0.03], batch_size=8,
+                                transforms=["original", "group"], num_members=2,
+                                ensemble_eps=1.0, apgd_steps=3, sanity=False)
+        main = is_main_process()
+    if main:
         out = {"records": [r.to_dict() for r in result.records],
                "probes": [r.to_dict() for r in result.probes],
                "stochastic": [r.to_dict() for r in stochastic.records],
+               "portfolio": [r.to_dict() for r in portfolio.records],
                "world_size": result.settings["world_size"]}
         with open(sys.argv[1], "w") as fh:
             json.dump(out, fh)
@@ -97,7 +104,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
-    for key in ("records", "probes", "stochastic"):
+    for key in ("records", "probes", "stochastic", "portfolio"):
         assert [r["correct"] for r in one[key]] == [r["correct"] for r in two[key]], key
         assert one[key] == two[key]
     assert len(one["records"]) > 10 and one["probes"]
