@@ -45,7 +45,9 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     """Train the model described by --recipe; options override recipe values.
 
     The checkpoint is written atomically after every epoch, metrics to <out>.log.json.
+    Under torchrun it trains data-parallel; only rank 0 prints and writes.
     """
+    from ..distributed import is_main_process, shutdown
     from ..train import default_out, format_metrics, log_path_for, resolve_device, train
 
     try:
@@ -61,8 +63,11 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         log_path = log_path_for(out or default_out(recipe))
         callbacks.append(QRecorder(baseline=_first_q_total(log_path) if resume else None))
     if not quiet:
-        callbacks.append(lambda model, epoch, metrics: click.echo(
-            f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True))
+        def echo(model, epoch, metrics):  # one line per epoch, from rank 0 only under torchrun
+            if is_main_process():
+                click.echo(f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True)
+
+        callbacks.append(echo)
     try:
         dev = resolve_device(device)
     except ValueError as err:
@@ -70,10 +75,15 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     try:
         result = train(recipe, data=data, out=out, device=dev, resume=resume, download=download,
                        callbacks=callbacks, progress=not quiet)
+        main = is_main_process()
     except DataError as err:
         raise click.BadParameter(str(err), param_hint="--data") from None
     except (CheckpointError, RecipeError) as err:
         raise click.UsageError(str(err)) from None
+    finally:
+        shutdown()
+    if not main:
+        return
     final = result.history[-1] if result.history else {}
     click.echo(f"checkpoint: {result.checkpoint}")
     click.echo(f"metrics:    {result.log_path}")
