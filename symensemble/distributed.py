@@ -131,13 +131,13 @@ def shutdown() -> None:
 def batch_slice(n: int, info: DistInfo) -> slice:
     """This rank's contiguous block of a global batch of ``n`` items.
 
-    Rank r takes items ``[r·n // W, (r+1)·n // W)``: the blocks tile the batch in order and
-    their sizes differ by at most one. A rank's block is empty only when ``n < W`` (a last
-    batch smaller than the number of processes).
+    Rank r takes items ``[⌈r·n/W⌉, ⌈(r+1)·n/W⌉)``: the blocks tile the batch in order, their
+    sizes differ by at most one, and the larger ones come first. A block is empty only when
+    ``n < W`` (a last batch smaller than the number of processes), and never rank 0's.
     """
     if n < 0:
         raise ValueError(f"batch size must be >= 0, got {n}")
-    return slice(info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size)
+    return slice(-(-info.rank * n // info.world_size), -(-(info.rank + 1) * n // info.world_size))
 
 
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
