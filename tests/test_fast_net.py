@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 import symensemble as se
 from symensemble.data import CIFAR10
+from symensemble.distributed import DistInfo
 from symensemble.lookahead import Lookahead, lookahead_alpha
 from symensemble.models.fast_net import patch_whitening
 from symensemble.recipe import Recipe, RecipeError, load_recipe
-from symensemble.train import _build_optimizer, train
+from symensemble.train import _build_optimizer, _training_net, train
 
 from .conftest import make_split
 
@@ -122,9 +123,15 @@ def test_lookahead_interpolates_then_resets_the_fast_weights():
         Lookahead(layer, alpha_end=0.0)
 
 
+def test_compile_is_off_on_cpu_and_a_single_process_is_not_wrapped():
+    model = se.create_model("fast_net", hidden=4, **SMALL)
+    recipe = Recipe(model="fast_net", compile=True)
+    assert _training_net(model, recipe, torch.device("cpu"), DistInfo()) is model
+
+
 def test_fast_recipe_fields_are_validated():
     recipe = load_recipe(RECIPES / "fast_gpu.toml")
-    assert recipe.model == "fast_net" and recipe.amp and recipe.channels_last and recipe.compile
+    assert recipe.model == "fast_net" and recipe.amp and recipe.channels_last
     assert recipe.lookahead_every == 5 and recipe.label_smoothing > 0 and recipe.augment
     for bad, message in [({"lookahead_every": -1}, "lookahead_every must be >= 0"),
                          ({"lookahead_alpha": 0.0}, "lookahead_alpha must be in"),
