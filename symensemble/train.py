@@ -92,6 +92,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _rank_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of rank ``rank``'s own stream in ``epoch``; rank 0's is the epoch seed itself."""
+    if rank == 0:
+        return _epoch_seed(seed, epoch)
     # An odd 63-bit constant (golden ratio) spreads ranks far apart from other (seed, epoch) pairs.
     return (_epoch_seed(seed, epoch) + rank * 0x1E3779B97F4A7C15) % 2**63
 
