@@ -13,7 +13,10 @@ same recipe in N gloo processes on the CPU against one process, alternating, and
 median training time of an epoch (``train_seconds`` of the run's log: the epoch's steps, without
 process start, data loading or evaluation) of each and their ratio. Every rank gets
 ``cores // N`` threads unless ``--threads`` says otherwise; the single process keeps torch's
-default. On a machine with few cores no speed-up is expected: the figure shows DDP's overhead.
+default (all cores) unless ``--threads`` is given, when it gets that many too. On a machine with
+few cores no speed-up is expected: the figure shows DDP's overhead. On a busy machine compare
+both settings: there a multi-threaded single process can lose far more to oversubscription
+than DDP costs.
 
     python benchmarks/train_epoch.py --ddp 2 [--data PATH] [--repeats 3]
 
