@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shard", "all_reduce_sum", "rank_device",
-           "is_main_process", "shutdown", "current", "distributed"]
+           "is_main_process", "shutdown", "current", "distributed", "batch_slice",
+           "broadcast_buffers", "barrier"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,3 +153,41 @@ def distributed(device: str | torch.device = "cpu") -> Iterator[DistInfo]:
     finally:
         if owned:
             shutdown()
+
+
+# ---- data-parallel training (``symensemble train`` under torchrun) -----------------------------
+
+
+def batch_slice(n: int, info: DistInfo) -> slice:
+    """This rank's contiguous block of a global batch of ``n`` items.
+
+    Rank r takes items ``[⌈r·n/W⌉, ⌈(r+1)·n/W⌉)``: the blocks tile the batch in order, their
+    sizes differ by at most one, and the larger ones come first. A block is empty only when
+    ``n < W`` (a last batch smaller than the number of processes), and never rank 0's.
+    """
+    if n < 0:
+        raise ValueError(f"batch size must be >= 0, got {n}")
+    return slice(-(-info.rank * n // info.world_size), -(-(info.rank + 1) * n // info.world_size))
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics...) to every rank, in place.
+
+    Under DDP each rank's last forward updates its running statistics with its own shard;
+    rank 0's are the ones written to the checkpoint, so every rank evaluates with those.
+    """
+    if not info.enabled:
+        return
+    for buf in module.buffers():
+        if info.backend == "nccl" or buf.device.type == "cpu":
+            dist.broadcast(buf, src=0)
+        else:  # gloo cannot broadcast CUDA tensors: go through a CPU copy
+            work = buf.cpu()
+            dist.broadcast(work, src=0)
+            buf.copy_(work)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if info.enabled:
+        dist.barrier()

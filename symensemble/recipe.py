@@ -60,6 +60,12 @@ class Recipe:
     seed: int = 0  # initialization, shuffling, augmentation
     amp: bool = False  # bfloat16 autocast (CUDA only)
     channels_last: bool = False  # memory format for conv nets on GPU
+    # --- fast GPU training (issue #11, recipes/fast_gpu.toml) -----------------------------------
+    lookahead_every: int = 0  # k: pull weights to their slow average every k steps and at epoch ends; 0 = off
+    lookahead_alpha: float = 0.25  # α of slow ← slow + α(fast − slow) at the end of the run (ramps from 1)
+    compile: bool = False  # torch.compile the training forward (CUDA only; ignored on CPU)
+    init_samples: int = 5000  # training images seen by a data-dependent init (fast_net's whitening)
+    # --- end of the fast GPU block ----------------------------------------------------------------
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,6 +83,10 @@ class Recipe:
             (all(0 <= b < 1 for b in self.betas), "betas must both be in [0, 1)"),
             (self.model in list_models(), f"model must be one of {list_models()}"),
             (self.act in list_activations(), f"act must be one of {list_activations()}"),
+            # fast GPU block
+            (self.lookahead_every >= 0, "lookahead_every must be >= 0 (0 = no lookahead)"),
+            (0 < self.lookahead_alpha <= 1, "lookahead_alpha must be in (0, 1]"),
+            (self.init_samples >= 1, "init_samples must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

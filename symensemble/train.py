@@ -5,6 +5,20 @@ augmentation from a generator seeded by (seed, epoch), so a run interrupted afte
 resumed with ``resume=True`` ends with the same weights as an uninterrupted run. A checkpoint
 (weights + optimizer state) is written atomically after every epoch, and per-epoch metrics go
 to ``<out stem>.log.json`` beside it.
+
+Under ``torchrun --nproc_per_node N`` the same loop runs data-parallel (DistributedDataParallel;
+gloo on CPU, nccl on GPU). The recipe's ``batch_size`` stays the *global* batch: every rank
+draws the same shuffled order, takes its contiguous block of each global batch
+(:func:`~symensemble.distributed.batch_slice`) and weights its mean loss by
+``n_rank · N / n_global``, so that DDP's average of the ranks' gradients is the gradient of the
+mean loss over the whole global batch — the learning rate means the same for any N, and a last
+batch that does not split evenly counts every image once. A rank whose block of a (last)
+batch is empty still runs the step on one image with weight 0, so that every rank takes part
+in the gradient all-reduce. Per-sample randomness (augmentation, and anything else drawn from
+the step's generator) comes from a per-rank stream (:func:`_epoch_generators`): reproducible
+for a given N, and identical to the single-process stream for N = 1. BatchNorm statistics are
+per rank (as in plain DDP); rank 0's running statistics are the ones evaluated and saved. Only
+rank 0 writes the checkpoint and the log; logged and displayed figures are all-reduced.
 """
 
 from __future__ import annotations
@@ -31,7 +45,17 @@ from .checkpoint import (
     save_checkpoint,
     split_train_state,
 )
-from .data import CIFAR10, Split, iterate_batches, load_cifar10
+from .data import CIFAR10, Split, augment_batch, iterate_batches, load_cifar10
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    batch_slice,
+    broadcast_buffers,
+    current,
+    rank_device,
+)
+from .lookahead import Lookahead
 from .models import SymModel, create_model
 from .recipe import Recipe, RecipeError
 
@@ -89,6 +113,55 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of rank ``rank``'s own stream in ``epoch``; rank 0's is the epoch seed itself."""
+    if rank == 0:
+        return _epoch_seed(seed, epoch)
+    # An odd 63-bit constant (golden ratio) spreads ranks far apart from other (seed, epoch) pairs.
+    return (_epoch_seed(seed, epoch) + rank * 0x1E3779B97F4A7C15) % 2**63
+
+
+def _epoch_generators(seed: int, epoch: int, info: DistInfo) -> tuple[torch.Generator, torch.Generator]:
+    """(order, per-rank) generators of an epoch.
+
+    ``order`` is seeded alike on every rank: it draws the shuffling, i.e. the global batches.
+    The per-rank generator draws everything applied to this rank's share of a batch
+    (augmentation, random starts of adversarial examples...). On rank 0 it *is* the order
+    generator, continuing after the permutation, so a single process draws exactly the stream
+    it always drew; ranks r > 0 get their own seed (:func:`_rank_seed`).
+    """
+    order = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    if info.rank == 0:
+        return order, order
+    return order, torch.Generator().manual_seed(_rank_seed(seed, epoch, info.rank))
+
+
+def _local_batch(x: torch.Tensor, y: torch.Tensor, info: DistInfo
+                 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """This rank's share of a global batch: images, labels, loss weight, number of images counted.
+
+    DDP averages gradients over the N ranks; weighting rank r's mean loss by n_r·N/n makes that
+    average the gradient of the mean loss over all n images (exactly 1.0 for one process). A
+    rank with an empty share (n < N) runs one image with weight 0 and counts none.
+    """
+    part = batch_slice(len(y), info)
+    count = part.stop - part.start
+    if count == 0:
+        return x[:1], y[:1], 0.0, 0
+    return x[part], y[part], count * info.world_size / len(y), count
+
+
+def _global_means(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, info: DistInfo
+                  ) -> tuple[float, float]:
+    """Mean loss and accuracy over the images of all ranks so far (one all-reduce under DDP)."""
+    if not info.enabled:
+        return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+    local = torch.stack([loss_sum.double(), correct.double(),
+                         torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+    total_loss, total_correct, total_seen = all_reduce_sum(local, info, loss_sum.device).tolist()
+    return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1)
+
+
 def _lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimizer step ``step`` (0-based) for the recipe's schedule."""
     warmup = int(recipe.warmup_epochs * steps_per_epoch)
@@ -106,7 +179,8 @@ def _lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int
 
 
 def _build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    params = model.parameters()
+    # Frozen parameters (fast_net's whitening filters) get no optimizer state, which --resume checks.
+    params = [p for p in model.parameters() if p.requires_grad]
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
@@ -159,39 +233,66 @@ def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int = 1000,
 
 def _train_epoch(
     model: SymModel, opt: torch.optim.Optimizer, train: Split, recipe: Recipe, epoch: int,
-    steps_per_epoch: int, progress: bool,
+    steps_per_epoch: int, progress: bool, info: DistInfo, net: torch.nn.Module, lookahead: Lookahead | None,
 ) -> dict[str, float]:
-    model.train()
-    gen = torch.Generator().manual_seed(_epoch_seed(recipe.seed, epoch))  # shuffling, augmentation
-    torch.manual_seed(_epoch_seed(recipe.seed, epoch))  # dropout etc. inside the model
+    """One epoch; ``net`` is what the step calls (``model``, or its DDP/compiled wrapper)."""
+    net.train()
+    order_gen, gen = _epoch_generators(recipe.seed, epoch, info)  # shuffling; this rank's augmentation
+    torch.manual_seed(_rank_seed(recipe.seed, epoch, info.rank))  # dropout etc. inside the model
     total_steps = steps_per_epoch * recipe.epochs
     amp = recipe.amp and train.images.device.type == "cuda"
     loss_sum = torch.zeros((), device=train.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=train.images.device)
     seen = 0
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress,
-               leave=False, dynamic_ncols=True)
-    for i, (x, y) in enumerate(iterate_batches(train, recipe.batch_size, shuffle=True,
-                                               augment=recipe.augment, generator=gen)):
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
+               disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+    for i, (x, y) in enumerate(iterate_batches(train, recipe.batch_size, shuffle=True, generator=order_gen)):
+        x, y, weight, count = _local_batch(x, y, info)
+        if recipe.augment:
+            x = augment_batch(x, gen)
         factor = _lr_factor(recipe, epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
         for group in opt.param_groups:
             group["lr"] = recipe.lr * factor
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()  # weight: DDP's mean over ranks = mean over the global batch
         opt.step()
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += y.shape[0]
+        if lookahead is not None and ((i + 1) % recipe.lookahead_every == 0 or i + 1 == steps_per_epoch):
+            lookahead.sync(epoch * steps_per_epoch + i + 1, total_steps)
+        if count:
+            loss_sum += loss.detach() * count
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += count
         bar.update(1)
-        if progress and (i % 100 == 0 or i == steps_per_epoch - 1):
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+        if progress and (i % 100 == 0 or i == steps_per_epoch - 1):  # the same steps on every rank
+            mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.3f}")
     bar.close()
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1)}
+    mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
+    return {"train_loss": mean_loss, "train_accuracy": accuracy}
+
+
+def evaluate_global(model: torch.nn.Module, split: Split, batch_size: int, amp: bool,
+                    info: DistInfo) -> dict[str, float]:
+    """:func:`evaluate_split` with the split shared out over the ranks and the sums all-reduced.
+
+    Every rank must hold the same weights and buffers (see :func:`broadcast_buffers`).
+    """
+    if not info.enabled:
+        return evaluate_split(model, split, batch_size, amp)
+    part = batch_slice(len(split), info)
+    count = part.stop - part.start
+    local = evaluate_split(model, Split(split.images[part], split.labels[part]), batch_size, amp)
+    sums = torch.tensor([local["loss"] * count, round(local["accuracy"] * count), count] if count
+                        else [0.0] * 3, dtype=torch.float64)
+    loss, correct, total = all_reduce_sum(sums, info, split.labels.device).tolist()
+    if total == 0:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    return {"loss": loss / total, "accuracy": correct / total}
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -237,14 +338,54 @@ def train(
         The trained model, the per-epoch history and the paths written.
 
     The global torch RNG state is restored on return: seeding happens inside.
+
+    Under ``torchrun`` every rank calls this with the same arguments inside
+    ``with symensemble.distributed.distributed(device):`` (the caller owns the process group,
+    as for ``evaluate``; the CLI does this), and it trains
+    data-parallel on ``cuda:LOCAL_RANK`` or the CPU, and returns the same model and history
+    on every rank; only rank 0 writes ``out`` and its log. Callbacks run on every rank (the
+    model is the same everywhere); guard side effects with
+    :func:`symensemble.distributed.is_main_process`.
     """
     dev = resolve_device(device)
+    info = current()  # the caller joins the process group: `with distributed(dev):`
+    dev = rank_device(dev, info)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        return _train(recipe, data, out, dev, resume, callbacks, progress, download)
+        return _train(recipe, data, out, dev, resume, callbacks, progress, download, info)
+
+
+def _training_net(model: SymModel, recipe: Recipe, dev: torch.device, info: DistInfo) -> torch.nn.Module:
+    """What the training step calls: the model, DDP-wrapped under torchrun, compiled if asked on CUDA."""
+    net: torch.nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if recipe.compile:
+        if dev.type == "cuda":
+            net = torch.compile(net)
+        else:
+            log.info("recipe compile = true ignored on %s (torch.compile pays on CUDA only)", dev)
+    return net
+
+
+def _init_from_data(model: SymModel, train: Split, recipe: Recipe) -> None:
+    """Run the model's data-dependent initialization (fast_net's whitening), if it has one.
+
+    It sees ``recipe.init_samples`` training images drawn with the recipe's seed (the source
+    order is class by class, so never a prefix); the global RNG is not touched.
+    """
+    init = getattr(model, "init_from_data", None)
+    if not callable(init):
+        return
+    gen = torch.Generator().manual_seed(recipe.seed)
+    idx = torch.randperm(len(train), generator=gen)[: recipe.init_samples].to(train.images.device)
+    init(train.images[idx])
 
 
 def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | None, dev: torch.device,
-           resume: bool, callbacks: Iterable[Callback], progress: bool, download: bool) -> TrainResult:
+           resume: bool, callbacks: Iterable[Callback], progress: bool, download: bool,
+           info: DistInfo) -> TrainResult:
     out = Path(out) if out is not None else default_out(recipe)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must be a .safetensors path, got {str(out)!r}")
@@ -258,55 +399,77 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
         model = create_model(recipe.model, **recipe.model_config()).to(dev)
     except ValueError as err:
         raise RecipeError(f"recipe model settings: {err}") from None
+    if not resume:
+        _init_from_data(model, train_split, recipe)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _build_optimizer(model, recipe)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume:
-        start_epoch, history = _restore(out, log_path, model, opt, recipe, dev)
+        start_epoch, history = _restore(out, log_path, model, opt, recipe, dev, info.world_size)
+    net = _training_net(model, recipe, dev, info)
+    lookahead = Lookahead(model, recipe.lookahead_alpha) if recipe.lookahead_every else None
 
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
     header = {"recipe": recipe.to_dict(), "data_source": data.source, "device": str(dev),
               "git_revision": git_revision(), "torch_version": torch.__version__}
+    if info.enabled:
+        header["world_size"] = info.world_size
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {"epoch": epoch + 1}
-        metrics.update(_train_epoch(model, opt, train_split, recipe, epoch, steps_per_epoch, progress))
+        metrics.update(_train_epoch(model, opt, train_split, recipe, epoch, steps_per_epoch, progress,
+                                    info, net, lookahead))
         _check_divergence(metrics, model.head.num_classes)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         metrics["train_seconds"] = time.perf_counter() - t0
         amp = recipe.amp and dev.type == "cuda"
+        broadcast_buffers(model, info)  # every rank evaluates (and rank 0 saves) rank 0's BN statistics
         for name, split in (("val", val), ("test", test)):
-            result = evaluate_split(model, split, recipe.eval_batch_size, amp)
+            result = evaluate_global(model, split, recipe.eval_batch_size, amp, info)
             metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = result["loss"], result["accuracy"]
         metrics["epoch_seconds"] = time.perf_counter() - t0
         for cb in callbacks:
             cb(model, epoch, metrics)
         history.append(metrics)
-        last = epoch + 1 == recipe.epochs
-        opt_tensors, opt_meta = _optimizer_to_tensors(opt)
-        save_checkpoint(
-            model, out, recipe=recipe.to_dict(), epoch=epoch + 1, metrics=metrics,
-            data_source=data.source,
-            train_state=None if last else opt_tensors,
-            extra={"optimizer": None if last else opt_meta, "complete": last},
-        )
-        atomic_write_text(log_path, json.dumps({**header, "epochs": history}, indent=2))
-        log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, format_metrics(metrics))
+        if info.is_main:
+            _write_epoch(model, opt, out, log_path, recipe, metrics, data.source,
+                         {**header, "epochs": history})
+    barrier(info)  # the last checkpoint exists when any rank returns
     model.eval()
     return TrainResult(model, history, out, log_path)
 
 
+def _write_epoch(model: SymModel, opt: torch.optim.Optimizer, out: Path, log_path: Path, recipe: Recipe,
+                 metrics: dict[str, Any], data_source: str, log_record: dict[str, Any]) -> None:
+    """Checkpoint (with optimizer state unless it is the last epoch) and log of a finished epoch."""
+    last = metrics["epoch"] == recipe.epochs
+    opt_tensors, opt_meta = _optimizer_to_tensors(opt)
+    save_checkpoint(
+        model, out, recipe=recipe.to_dict(), epoch=metrics["epoch"], metrics=metrics,
+        data_source=data_source,
+        train_state=None if last else opt_tensors,
+        extra={"optimizer": None if last else opt_meta, "complete": last},
+    )
+    atomic_write_text(log_path, json.dumps(log_record, indent=2))
+    log.info("epoch %d/%d: %s", metrics["epoch"], recipe.epochs, format_metrics(metrics))
+
+
 def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimizer,
-             recipe: Recipe, dev: torch.device) -> tuple[int, list[dict[str, Any]]]:
-    """Load weights, optimizer state and history of an interrupted run at ``out``."""
+             recipe: Recipe, dev: torch.device, world_size: int = 1) -> tuple[int, list[dict[str, Any]]]:
+    """Load weights, optimizer state and history of an interrupted run at ``out``.
+
+    Every rank of a torchrun job loads the same file.
+    """
     if not out.is_file():
         raise CheckpointError(f"--resume: no checkpoint at {out} to resume from")
     tensors, info = read_checkpoint(out)
-    if info["recipe"] != recipe.to_dict():
-        diff = sorted(k for k in recipe.to_dict() if info["recipe"].get(k) != recipe.to_dict()[k])
+    # Fields added to Recipe after the checkpoint was written take their default values.
+    saved = {**Recipe().to_dict(), **info["recipe"]}
+    if saved != recipe.to_dict():
+        diff = sorted(k for k in recipe.to_dict() if saved.get(k) != recipe.to_dict()[k])
         raise CheckpointError(f"--resume: {out} was trained with a different recipe (differs in {diff})")
     if info["extra"].get("complete"):
         raise CheckpointError(
@@ -328,6 +491,11 @@ def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimi
     _optimizer_from_tensors(opt, train_state, meta)
     history: list[dict[str, Any]] = []
     if log_path.is_file():
-        history = json.loads(log_path.read_text())["epochs"][: info["epoch"]]
+        record = json.loads(log_path.read_text())
+        history = record["epochs"][: info["epoch"]]
+        if record.get("world_size", 1) != world_size:
+            log.warning("resuming a run of %d processes with %d: the per-rank augmentation streams differ, "
+                        "so the result will not equal an uninterrupted run", record.get("world_size", 1),
+                        world_size)
     log.info("resuming %s after epoch %d", out, info["epoch"])
     return int(info["epoch"]), history

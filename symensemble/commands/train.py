@@ -60,8 +60,10 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     """Train the model described by --recipe; options override recipe values.
 
     The checkpoint is written atomically after every epoch, metrics to <out>.log.json. An
-    existing --out is refused unless --resume or --overwrite is given.
+    existing --out is refused unless --resume or --overwrite is given. Under torchrun it trains
+    data-parallel; only rank 0 prints and writes.
     """
+    from ..distributed import distributed, is_main_process
     from ..train import DivergenceError, default_out, format_metrics, log_path_for, resolve_device, train
 
     try:
@@ -82,17 +84,23 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     finished: list[int] = []  # epochs this invocation finished, for the Ctrl-C hint
     callbacks.append(lambda model, epoch, metrics: finished.append(epoch + 1))
     if not quiet:
-        callbacks.append(lambda model, epoch, metrics: click.echo(
-            f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True))
+        def echo(model, epoch, metrics):  # one line per epoch, from rank 0 only under torchrun
+            if is_main_process():
+                click.echo(f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True)
+
+        callbacks.append(echo)
     try:
         dev = resolve_device(device)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--device") from None
     try:
-        result = train(recipe, data=data, out=out, device=dev, resume=resume, download=download,
-                       callbacks=callbacks, progress=not quiet)
+        with distributed(dev):  # a process group under torchrun; a no-op in a single process
+            result = train(recipe, data=data, out=out, device=dev, resume=resume,
+                           download=download, callbacks=callbacks, progress=not quiet)
+            main = is_main_process()
     except KeyboardInterrupt:
-        click.echo(_interrupted_hint(out, bool(finished) or resume), err=True)
+        if is_main_process():
+            click.echo(_interrupted_hint(out, bool(finished) or resume), err=True)
         raise click.Abort() from None
     except SplitSizeError as err:
         raise click.UsageError(f"recipe {recipe_path}: {err}") from None
@@ -102,6 +110,8 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         raise click.UsageError(str(err)) from None
     except DivergenceError as err:
         raise click.ClickException(str(err)) from None
+    if not main:
+        return
     final = result.history[-1] if result.history else {}
     click.echo(f"checkpoint: {result.checkpoint}")
     click.echo(f"metrics:    {result.log_path}")
