@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adversarial import AdversarialConfig
 from .models import list_models
 from .symmetry.activations import list_activations
 
@@ -59,6 +60,9 @@ class Recipe:
     seed: int = 0  # initialization, shuffling, augmentation
     amp: bool = False  # bfloat16 autocast (CUDA only)
     channels_last: bool = False  # memory format for conv nets on GPU
+    # [adversarial] table: adversarial training (method "none" = standard training, the default,
+    # so recipes and checkpoints written before the table existed load unchanged).
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +80,10 @@ class Recipe:
             (all(0 <= b < 1 for b in self.betas), "betas must both be in [0, 1)"),
             (self.model in list_models(), f"model must be one of {list_models()}"),
             (self.act in list_activations(), f"act must be one of {list_activations()}"),
+            (isinstance(self.adversarial, AdversarialConfig), "adversarial must be an AdversarialConfig"),
+            (not self.adversarial.enabled or self.val_size > 0,
+             "adversarial training checks robust accuracy on validation images every epoch; "
+             "set val_size > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,6 +122,11 @@ class Recipe:
 
 def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
     expected = type(default)
+    if isinstance(default, AdversarialConfig):
+        try:
+            return AdversarialConfig.from_dict(value)
+        except ValueError as err:
+            raise RecipeError(f"{origin}: {err}") from None
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RecipeError(f"{origin}: {key} must be true or false, got {value!r}")

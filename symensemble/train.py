@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .adversarial import RobustMonitor, TrainingAttack
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -143,8 +144,11 @@ def _train_epoch(
     torch.manual_seed(_epoch_seed(recipe.seed, epoch))  # dropout etc. inside the model
     total_steps = steps_per_epoch * recipe.epochs
     amp = recipe.amp and train.images.device.type == "cuda"
+    attack = (TrainingAttack(recipe.adversarial, _epoch_seed(recipe.seed, epoch), train.images.device,
+                             steps_per_epoch, amp) if recipe.adversarial.enabled else None)
     loss_sum = torch.zeros((), device=train.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=train.images.device)
+    clean_correct = torch.zeros((), dtype=torch.int64, device=train.images.device)
     seen = 0
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress,
                leave=False, dynamic_ncols=True)
@@ -155,32 +159,68 @@ def _train_epoch(
             group["lr"] = recipe.lr * factor
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        x_fit = x if attack is None else attack(model, x, y, epoch * steps_per_epoch + i)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
+            logits = model(x_fit)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.detach().argmax(1) == y).sum()
+        if attack is not None:
+            clean_correct += _clean_correct(model, x, y, amp)
         seen += y.shape[0]
         bar.update(1)
         if progress and (i % 100 == 0 or i == steps_per_epoch - 1):
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+            accs = {"acc": correct} if attack is None else {"clean_acc": clean_correct, "adv_acc": correct}
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                            **{k: f"{v.item() / seen:.3f}" for k, v in accs.items()})
     bar.close()
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1)}
+    seen = max(seen, 1)
+    if attack is None:
+        return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen}
+    # Adversarial training: the loss is the adversarial objective; accuracy is reported both ways.
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": clean_correct.item() / seen,
+            "train_adv_accuracy": correct.item() / seen,
+            "train_eps": attack.eps_at((epoch + 1) * steps_per_epoch - 1)}
+
+
+@torch.no_grad()
+def _clean_correct(model: SymModel, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Correct predictions on the clean batch, in eval mode so that BatchNorm running statistics
+    and dropout streams are left exactly as the adversarial step alone leaves them."""
+    model.eval()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        correct = (model(x).argmax(1) == y).sum()
+    model.train()
+    return correct
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One readable line for an epoch's metrics."""
-    return (f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  "
-            f"val acc {metrics['val_accuracy']:.4f}  test acc {metrics['test_accuracy']:.4f}  "
+    adv = ""
+    if "train_adv_accuracy" in metrics:
+        adv = f" adv acc {metrics['train_adv_accuracy']:.4f}"
+    if "val_pgd_accuracy" in metrics:
+        adv_val = f"  val pgd acc {metrics['val_pgd_accuracy']:.4f}"
+        adv_val += " (best)" if metrics.get("val_pgd_best") else ""
+        adv_val += " CATASTROPHIC OVERFITTING" if metrics.get("catastrophic_overfitting") else ""
+    else:
+        adv_val = ""
+    return (f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}{adv}  "
+            f"val acc {metrics['val_accuracy']:.4f}  test acc {metrics['test_accuracy']:.4f}{adv_val}  "
             f"({metrics['epoch_seconds']:.1f} s)")
 
 
 def log_path_for(checkpoint: Path) -> Path:
     """The per-epoch JSON log written beside a checkpoint: ``<stem>.log.json``."""
     return checkpoint.with_name(checkpoint.stem + ".log.json")
+
+
+def best_path_for(checkpoint: Path) -> Path:
+    """The best-by-robust-validation checkpoint of an adversarial run: ``<stem>.best.safetensors``."""
+    return checkpoint.with_name(checkpoint.stem + ".best.safetensors")
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -244,6 +284,8 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
         start_epoch, history = _restore(out, log_path, model, opt, recipe, dev)
 
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    monitor = (RobustMonitor(recipe.adversarial, val.images, val.labels, recipe.eval_batch_size,
+                             recipe.amp and dev.type == "cuda") if recipe.adversarial.enabled else None)
     header = {"recipe": recipe.to_dict(), "data_source": data.source, "device": str(dev),
               "git_revision": git_revision(), "torch_version": torch.__version__}
     for epoch in range(start_epoch, recipe.epochs):
@@ -257,22 +299,54 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
         for name, split in (("val", val), ("test", test)):
             result = evaluate_split(model, split, recipe.eval_batch_size, amp)
             metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = result["loss"], result["accuracy"]
+        if monitor is not None:
+            monitor.update(model, metrics, history)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         for cb in callbacks:
             cb(model, epoch, metrics)
         history.append(metrics)
-        last = epoch + 1 == recipe.epochs
+        saved, stop = metrics, False
+        if monitor is not None:
+            saved, stop = _keep_robust_best(model, out, recipe, history, data.source)
+        last = stop or epoch + 1 == recipe.epochs
         opt_tensors, opt_meta = _optimizer_to_tensors(opt)
         save_checkpoint(
-            model, out, recipe=recipe.to_dict(), epoch=epoch + 1, metrics=metrics,
+            model, out, recipe=recipe.to_dict(), epoch=saved["epoch"], metrics=saved,
             data_source=data.source,
             train_state=None if last else opt_tensors,
             extra={"optimizer": None if last else opt_meta, "complete": last},
         )
         atomic_write_text(log_path, json.dumps({**header, "epochs": history}, indent=2))
         log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, format_metrics(metrics))
+        if stop:
+            break
     model.eval()
     return TrainResult(model, history, out, log_path)
+
+
+def _keep_robust_best(model: SymModel, out: Path, recipe: Recipe, history: list[dict[str, Any]],
+                      data_source: str) -> tuple[dict[str, Any], bool]:
+    """Adversarial runs: write ``<stem>.best.safetensors`` when the robust validation accuracy
+    sets a record; on catastrophic overfitting with ``stop_on_collapse``, load the best weights
+    back into ``model`` and ask the loop to stop (Wong et al. 2020 keep the pre-collapse model).
+
+    Returns:
+        (metrics to store in the main checkpoint, whether to stop now).
+    """
+    metrics, best = history[-1], best_path_for(out)
+    if metrics["val_pgd_best"]:
+        save_checkpoint(model, best, recipe=recipe.to_dict(), epoch=metrics["epoch"], metrics=metrics,
+                        data_source=data_source, extra={"complete": True, "selected_by": "val_pgd_accuracy"})
+    if not (metrics["catastrophic_overfitting"] and recipe.adversarial.stop_on_collapse):
+        return metrics, False
+    state, _ = split_train_state(read_checkpoint(best)[0])
+    model.load_state_dict(state)
+    kept = max((e for e in history if "val_pgd_accuracy" in e), key=lambda e: e["val_pgd_accuracy"])
+    metrics["early_stop"] = f"stopped after epoch {metrics['epoch']}; weights of epoch {kept['epoch']} kept"
+    log.warning("catastrophic overfitting: stopping after epoch %d and restoring the weights of epoch %d "
+                "(best robust validation accuracy %.4f) into %s", metrics["epoch"], kept["epoch"],
+                kept["val_pgd_accuracy"], out)
+    return {**kept, "early_stop": metrics["early_stop"]}, True
 
 
 def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimizer,
@@ -281,8 +355,12 @@ def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimi
     if not out.is_file():
         raise CheckpointError(f"--resume: no checkpoint at {out} to resume from")
     tensors, info = read_checkpoint(out)
-    if info["recipe"] != recipe.to_dict():
-        diff = sorted(k for k in recipe.to_dict() if info["recipe"].get(k) != recipe.to_dict()[k])
+    try:  # normalised, so a checkpoint from before a recipe field existed compares by its default
+        stored = Recipe.from_dict(info["recipe"], origin=str(out)).to_dict()
+    except RecipeError:
+        stored = info["recipe"]
+    if stored != recipe.to_dict():
+        diff = sorted(k for k in recipe.to_dict() if stored.get(k) != recipe.to_dict()[k])
         raise CheckpointError(f"--resume: {out} was trained with a different recipe (differs in {diff})")
     if info["extra"].get("complete"):
         raise CheckpointError(
