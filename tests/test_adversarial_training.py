@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,14 @@ from symensemble.checkpoint import read_checkpoint
 from symensemble.cli import main
 from symensemble.data import CIFAR10, Split
 from symensemble.recipe import Recipe, RecipeError, load_recipe
-from symensemble.train import best_path_for, train
+from symensemble.train import best_path_for, log_path_for, train
 
 from .conftest import SHIPPED, real_cifar_root, write_image_tree
+from .test_train import RECIPES
+from .test_train import TINY as PLAIN_TINY
+from .test_train import _tiny_recipe as _plain_tiny_recipe
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-TINY = dict(hidden=4, model_kwargs={"channels": 2}, batch_size=16, eval_batch_size=64, lr=3e-3,
-            epochs=3, val_size=24)
+TINY = {**PLAIN_TINY, "val_size": 24}  # adversarial runs check robustness on validation images
 
 
 def _adv(**kwargs) -> AdversarialConfig:
@@ -91,14 +93,16 @@ def test_pgd_reaches_the_worst_case_vertex_of_a_binary_linear_model():
     model = nn.Sequential(nn.Flatten(), lin)
     x, y = _box_images(12).double()[:, :, :4, :4], torch.arange(12) % 2
     eps = 0.1
-    adv = pgd(model, x, y, eps=eps, alpha=2.5 * eps / 10, steps=10, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    adv = pgd(model, x, y, eps=eps, alpha=2.5 * eps / 10, steps=10, generator=g)
     w = (lin.weight[1] - lin.weight[0]).view(1, 3, 4, 4)
     against = torch.where(y == 1, -1.0, 1.0).double().view(-1, 1, 1, 1) * w.sign()
     torch.testing.assert_close(adv, (x + eps * against).clamp(0, 1), rtol=0, atol=1e-12)
 
 
 def test_parse_eps():
-    assert parse_eps("8/255") == pytest.approx(8 / 255) and parse_eps(0.5) == 0.5 and parse_eps(" 0.1 ") == 0.1
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps(0.5) == 0.5 and parse_eps(" 0.1 ") == 0.1
     for bad in ("8/0", "eight", True, None, [8, 255]):
         with pytest.raises(ValueError, match="fraction like '8/255'"):
             parse_eps(bad)
@@ -239,13 +243,15 @@ def test_collapse_stops_and_keeps_the_best_epoch(tiny_cifar, tmp_path, monkeypat
     assert [e["epoch"] for e in res.history] == [1, 2, 3, 4]
     assert [e["val_pgd_best"] for e in res.history] == [True, True, False, False]
     assert [e["catastrophic_overfitting"] for e in res.history] == [False, False, False, True]
-    assert "catastrophic overfitting at epoch 4" in caplog.text and "restoring the weights of epoch 2" in caplog.text
+    assert "catastrophic overfitting at epoch 4" in caplog.text
+    assert "restoring the weights of epoch 2" in caplog.text
     model, info = se.load_model(out, with_info=True)
     best = se.load_model(best_path_for(out))
     for name, value in weights[2].items():
         assert torch.equal(model.state_dict()[name], value) and torch.equal(best.state_dict()[name], value)
         assert torch.equal(res.model.state_dict()[name], value)
-    assert info["epoch"] == 2 and info["extra"]["complete"] and "epoch 2 kept" in info["metrics"]["early_stop"]
+    assert info["epoch"] == 2 and info["extra"]["complete"]
+    assert "epoch 2 kept" in info["metrics"]["early_stop"]
     log = json.loads(res.log_path.read_text())["epochs"]
     assert log[-1]["catastrophic_overfitting"] and "early_stop" in log[-1]
 
@@ -258,25 +264,24 @@ def test_collapse_stops_and_keeps_the_best_epoch(tiny_cifar, tmp_path, monkeypat
 ])
 def test_resume_matches_uninterrupted_adversarial_run(tiny_cifar, tmp_path, adversarial):
     recipe = Recipe(**TINY, augment=True, adversarial=adversarial)
-    full = train(recipe, data=tiny_cifar, out=tmp_path / "full.safetensors", device="cpu", progress=False)
+    out, cut = tmp_path / "full.safetensors", tmp_path / "cut" / "full.safetensors"
+    cut.parent.mkdir()
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(model, epoch, metrics):  # dies in epoch 3, after epoch 2's checkpoint was written
+    def snapshot(model, epoch, metrics):  # in epoch 3, before its checkpoint: what a crash leaves
         if epoch == 2:
-            raise Interrupt
+            for path in (out, log_path_for(out), best_path_for(out)):
+                shutil.copy(path, cut.parent / path.name)
 
-    cut = tmp_path / "cut.safetensors"
-    with pytest.raises(Interrupt):
-        train(recipe, data=tiny_cifar, out=cut, device="cpu", progress=False, callbacks=[crash])
+    full = train(recipe, data=tiny_cifar, out=out, device="cpu", progress=False, callbacks=[snapshot])
+    assert se.load_model(cut, with_info=True)[1]["epoch"] == 2
     resumed = train(recipe, data=tiny_cifar, out=cut, device="cpu", progress=False, resume=True)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     keys = ("train_loss", "train_accuracy", "train_adv_accuracy", "val_pgd_accuracy", "val_pgd_best")
     assert [[e[k] for k in keys] for e in resumed.history] == [[e[k] for k in keys] for e in full.history]
     full_best, cut_best = (read_checkpoint(best_path_for(p))[0] for p in (full.checkpoint, cut))
-    assert full_best.keys() == cut_best.keys() and all(torch.equal(full_best[k], cut_best[k]) for k in full_best)
+    assert full_best.keys() == cut_best.keys()
+    assert all(torch.equal(full_best[k], cut_best[k]) for k in full_best)
 
 
 def test_adversarial_training_leaves_standard_training_unchanged(tiny_cifar, tmp_path):
@@ -292,7 +297,8 @@ def test_resnet18_at_recipe_runs_a_few_steps_on_cpu(tmp_path, one_thread):
     """Two FGSM-RS steps of the GPU recipe on 8×8 images (the CIFAR-stem ResNet takes any size)."""
     def split(n: int, seed: int) -> Split:
         g = torch.Generator().manual_seed(seed)
-        return Split(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 10)
+        images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+        return Split(images, torch.arange(n) % 10)
 
     recipe = load_recipe(RECIPES / "resnet18_at.toml")
     recipe = recipe.replace(epochs=1, warmup_epochs=0.5, batch_size=8, val_size=4,
@@ -307,9 +313,8 @@ def test_resnet18_at_recipe_runs_a_few_steps_on_cpu(tmp_path, one_thread):
 # --- the command line ---------------------------------------------------------------------
 
 def _tiny_recipe(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text('model = "paper_cnn"\nhidden = 4\nmodel_kwargs = { channels = 2 }\n'
-                    "batch_size = 4\nepochs = 1\nval_size = 2\n[adversarial]\nval_size = 2\n")
+    path = _plain_tiny_recipe(tmp_path)
+    path.write_text(path.read_text() + "[adversarial]\nval_size = 2\n")
     return path
 
 

@@ -79,7 +79,6 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         recipe = recipe.replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
                                 adversarial=adversarial)
     except ValueError as err:  # RecipeError, or an [adversarial] override out of range
-
         raise click.BadParameter(str(err), param_hint="--recipe") from None
     if out is not None and out.suffix != ".safetensors":
         raise click.BadParameter(f"must end in .safetensors, got {str(out)!r}", param_hint="--out")
