@@ -371,3 +371,24 @@ def test_shipped_paper_cnn_at_is_robust_at_8_255():
     adv = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=20, random_start=True)(x, y)
     with torch.no_grad():
         assert (model(adv).argmax(1) == y).float().mean() >= 0.17
+
+
+def test_resume_accepts_a_checkpoint_written_before_the_adversarial_table(tiny_cifar, tmp_path):
+    """A run interrupted by an older version stored no ``adversarial`` key: it means method "none"."""
+    from symensemble.checkpoint import save_checkpoint, split_train_state
+
+    recipe, out = Recipe(**PLAIN_TINY), tmp_path / "m.safetensors"
+
+    def stop(model, epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, data=tiny_cifar, out=out, device="cpu", progress=False, callbacks=[stop])
+    tensors, info = read_checkpoint(out)
+    model = se.load_model(out)
+    old = {k: v for k, v in info["recipe"].items() if k != "adversarial"}
+    save_checkpoint(model, out, recipe=old, epoch=info["epoch"], metrics=info["metrics"],
+                    train_state=split_train_state(tensors)[1], extra=info["extra"])
+    resumed = train(recipe, data=tiny_cifar, out=out, device="cpu", progress=False, resume=True)
+    assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
