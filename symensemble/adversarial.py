@@ -1,15 +1,15 @@
 """Adversarial training: L∞ examples crafted on the fly, and robust-validation monitoring.
 
 * :func:`fgsm_rs` — FGSM with a uniform random start (Wong, Rice & Kolter 2020, "Fast is
-  better than free", Alg. 3): δ ~ U(−ε, ε), one signed-gradient step of size α (default 1.25 ε),
+  better than free"): δ ~ U(−ε, ε), one signed-gradient step of size α (default 1.25 ε),
   projected onto the ε ball and onto the image range [0, 1].
-* :func:`pgd` — projected gradient descent (Madry et al. 2018, eq. 2 and §2.1) with the same
+* :func:`pgd` — projected gradient descent (Madry et al. 2018) with the same
   random start and ``steps`` steps of size α.
 * :class:`AdversarialConfig` — the recipe's ``[adversarial]`` table.
 * :class:`TrainingAttack` — crafts the training examples of one epoch from a seeded generator.
 * :class:`RobustMonitor` — PGD accuracy on a fixed validation batch every epoch, best epoch,
-  and catastrophic-overfitting detection (Wong et al. 2020, §5.2 and App. D: robust accuracy
-  collapsing within an epoch; they stop and keep the model from before the collapse).
+  and catastrophic-overfitting detection (Wong et al. 2020 name it: PGD accuracy collapsing to
+  near 0 within an epoch of FGSM training; they stop early and keep the pre-collapse model).
 
 Everything works in batch form on the model's device, on images in [0, 1] (symensemble
 models normalise inside), and draws its randomness from explicit generators, so runs are
@@ -167,7 +167,7 @@ def _project(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         generator: torch.Generator, random_start: bool = True, amp: bool = False) -> torch.Tensor:
-    """L∞ PGD on the cross-entropy (Madry et al. 2018, eq. 2), in batch form.
+    """L∞ PGD on the cross-entropy (Madry et al. 2018), in batch form.
 
     x' ← Π_{B_ε(x) ∩ [0,1]} (x' + α · sign ∇_x' CE(f(x'), y)), from x' = x + U(−ε, ε) (clamped
     to [0, 1]) when ``random_start``. The model's mode is left as the caller set it: training
@@ -192,7 +192,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
             generator: torch.Generator, amp: bool = False) -> torch.Tensor:
-    """FGSM with a uniform random start (Wong, Rice & Kolter 2020, Alg. 3).
+    """FGSM with a uniform random start (Wong, Rice & Kolter 2020).
 
     δ ~ U(−ε, ε); δ ← clip_ε(δ + α · sign ∇_δ CE(f(x + δ), y)); the result is also kept in
     [0, 1]. ``alpha`` defaults to 1.25 ε, the paper's choice (α = 10/255 at ε = 8/255).
@@ -235,9 +235,9 @@ class TrainingAttack:
 def detect_collapse(history: list[float], drop: float) -> bool:
     """Catastrophic overfitting: the latest robust accuracy fell below (1 − drop) × the best before it.
 
-    Wong et al. (2020, App. D) stop FGSM-RS training when PGD accuracy on a training batch
-    drops by 0.2 from one epoch to the next; a relative drop from the best so far catches the
-    same collapse (to near 0) for models whose robust accuracy is far below theirs.
+    Wong et al.'s (2020) reference code stops FGSM-RS training when PGD accuracy on a training
+    batch drops by more than 0.2 from one epoch to the next; a relative drop from the best so
+    far catches the same collapse (to near 0) for models whose robust accuracy is far below theirs.
     """
     if len(history) < 2:
         return False
