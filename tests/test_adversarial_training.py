@@ -357,8 +357,9 @@ def test_shipped_paper_cnn_at_loads_by_name():
 @pytest.mark.skipif(real_cifar_root() is None, reason="SYMENSEMBLE_DATA has no CIFAR-10")
 @pytest.mark.skipif(not (SHIPPED / "paper_cnn_at.safetensors").is_file(), reason="not shipped")
 def test_shipped_paper_cnn_at_is_robust_at_8_255():
-    """PGD-20 (torchattacks, α = 2/255, random start) on 500 random test images: well above the
-    0.000 of the undefended paper_cnn (the card's figure on all 10,000 images is higher than 0.2)."""
+    """PGD-20 (torchattacks, α = 2/255, random start) on 500 random test images: at least 0.20,
+    far above the 0.000 of the undefended paper_cnn (the card: 0.2761 on all 10,000 images; 0.20
+    is 3.8 standard errors of a 500-image estimate below that)."""
     import torchattacks
 
     from symensemble.data import load_cifar10
@@ -370,7 +371,7 @@ def test_shipped_paper_cnn_at_is_robust_at_8_255():
     torch.manual_seed(0)
     adv = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=20, random_start=True)(x, y)
     with torch.no_grad():
-        assert (model(adv).argmax(1) == y).float().mean() >= 0.17
+        assert (model(adv).argmax(1) == y).float().mean() >= 0.20
 
 
 def test_resume_accepts_a_checkpoint_written_before_the_adversarial_table(tiny_cifar, tmp_path):
