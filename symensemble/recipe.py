@@ -84,6 +84,8 @@ class Recipe:
             (not self.adversarial.enabled or self.val_size > 0,
              "adversarial training checks robust accuracy on validation images every epoch; "
              "set val_size > 0"),
+            (self.adversarial.eps_warmup_epochs <= self.epochs, "[adversarial] eps_warmup_epochs must be "
+                                                                "in [0, epochs]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -144,9 +144,11 @@ def test_recipe_table_errors(tmp_path, table, message):
         load_recipe(path)
 
 
-def test_adversarial_training_needs_validation_images():
+def test_recipe_checks_across_the_table():
     with pytest.raises(RecipeError, match="set val_size > 0"):
         Recipe(val_size=0, adversarial=AdversarialConfig(method="pgd"))
+    with pytest.raises(RecipeError, match="eps_warmup_epochs must be in \\[0, epochs\\]"):
+        Recipe(epochs=2, adversarial=AdversarialConfig(method="pgd", eps_warmup_epochs=3.0))
     with pytest.raises(RecipeError, match="\\[adversarial\\] must be a table"):
         Recipe.from_dict({"adversarial": "pgd"})
 
