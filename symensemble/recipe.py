@@ -65,6 +65,9 @@ class Recipe:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adversarial, AdversarialConfig):
+            raise RecipeError("bad recipe: adversarial must be an AdversarialConfig (or, in from_dict, "
+                              f"a table), got {self.adversarial!r}")
         checks = [
             (self.hidden >= 1, "hidden must be >= 1"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
@@ -80,7 +83,6 @@ class Recipe:
             (all(0 <= b < 1 for b in self.betas), "betas must both be in [0, 1)"),
             (self.model in list_models(), f"model must be one of {list_models()}"),
             (self.act in list_activations(), f"act must be one of {list_activations()}"),
-            (isinstance(self.adversarial, AdversarialConfig), "adversarial must be an AdversarialConfig"),
             (not self.adversarial.enabled or self.val_size > 0,
              "adversarial training checks robust accuracy on validation images every epoch; "
              "set val_size > 0"),

@@ -151,6 +151,8 @@ def test_recipe_checks_across_the_table():
         Recipe(epochs=2, adversarial=AdversarialConfig(method="pgd", eps_warmup_epochs=3.0))
     with pytest.raises(RecipeError, match="\\[adversarial\\] must be a table"):
         Recipe.from_dict({"adversarial": "pgd"})
+    with pytest.raises(RecipeError, match="adversarial must be an AdversarialConfig"):
+        Recipe(adversarial={"method": "pgd"})
 
 
 @pytest.mark.parametrize("name", ["paper_cnn_at", "resnet18_at"])
