@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adversarial import AdversarialConfig
 from .models import list_models
 from .symmetry.activations import list_activations
 
@@ -66,8 +67,14 @@ class Recipe:
     compile: bool = False  # torch.compile the training forward (CUDA only; ignored on CPU)
     init_samples: int = 5000  # training images seen by a data-dependent init (fast_net's whitening)
     # --- end of the fast GPU block ----------------------------------------------------------------
+    # [adversarial] table: adversarial training (method "none" = standard training, the default,
+    # so recipes and checkpoints written before the table existed load unchanged).
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adversarial, AdversarialConfig):
+            raise RecipeError("bad recipe: adversarial must be an AdversarialConfig (or, in from_dict, "
+                              f"a table), got {self.adversarial!r}")
         checks = [
             (self.hidden >= 1, "hidden must be >= 1"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
@@ -87,6 +94,11 @@ class Recipe:
             (self.lookahead_every >= 0, "lookahead_every must be >= 0 (0 = no lookahead)"),
             (0 < self.lookahead_alpha <= 1, "lookahead_alpha must be in (0, 1]"),
             (self.init_samples >= 1, "init_samples must be >= 1"),
+            (not self.adversarial.enabled or self.val_size > 0,
+             "adversarial training checks robust accuracy on validation images every epoch; "
+             "set val_size > 0"),
+            (self.adversarial.eps_warmup_epochs <= self.epochs, "[adversarial] eps_warmup_epochs must be "
+                                                                "in [0, epochs]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,6 +137,11 @@ class Recipe:
 
 def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
     expected = type(default)
+    if isinstance(default, AdversarialConfig):
+        try:
+            return AdversarialConfig.from_dict(value)
+        except ValueError as err:
+            raise RecipeError(f"{origin}: {err}") from None
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RecipeError(f"{origin}: {key} must be true or false, got {value!r}")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .adversarial import RobustMonitor, TrainingAttack
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -241,8 +242,13 @@ def _train_epoch(
     torch.manual_seed(_rank_seed(recipe.seed, epoch, info.rank))  # dropout etc. inside the model
     total_steps = steps_per_epoch * recipe.epochs
     amp = recipe.amp and train.images.device.type == "cuda"
+    # random starts: this rank's own stream (rank 0's is the epoch seed, as in one process)
+    attack = (TrainingAttack(recipe.adversarial, _rank_seed(recipe.seed, epoch, info.rank),
+                             train.images.device, steps_per_epoch, amp)
+              if recipe.adversarial.enabled else None)
     loss_sum = torch.zeros((), device=train.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=train.images.device)
+    clean_correct = torch.zeros((), dtype=torch.int64, device=train.images.device)
     seen = 0
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
                disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
@@ -255,8 +261,9 @@ def _train_epoch(
             group["lr"] = recipe.lr * factor
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        x_fit = x if attack is None else attack(model, x, y, epoch * steps_per_epoch + i)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = net(x)
+            logits = net(x_fit)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
         (loss * weight).backward()  # weight: DDP's mean over ranks = mean over the global batch
@@ -266,14 +273,30 @@ def _train_epoch(
         if count:
             loss_sum += loss.detach() * count
             correct += (logits.detach().argmax(1) == y).sum()
+            if attack is not None:
+                clean_correct += _clean_correct(model, x, y, amp)
             seen += count
         bar.update(1)
         if progress and (i % 100 == 0 or i == steps_per_epoch - 1):  # the same steps on every rank
-            mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.3f}")
+            bar.set_postfix(**_progress_figures(loss_sum, correct, clean_correct, seen, info, attack))
     bar.close()
     mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
-    return {"train_loss": mean_loss, "train_accuracy": accuracy}
+    if attack is None:
+        return {"train_loss": mean_loss, "train_accuracy": accuracy}
+    # Adversarial training: the loss is the adversarial objective; accuracy is reported both ways.
+    return {"train_loss": mean_loss, "train_accuracy": _global_means(loss_sum, clean_correct, seen, info)[1],
+            "train_adv_accuracy": accuracy,
+            "train_eps": attack.eps_at((epoch + 1) * steps_per_epoch - 1)}
+
+
+def _progress_figures(loss_sum: torch.Tensor, correct: torch.Tensor, clean_correct: torch.Tensor,
+                      seen: int, info: DistInfo, attack: Any) -> dict[str, str]:
+    """The tqdm postfix: global loss and accuracy (clean and adversarial when attacking)."""
+    mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
+    if attack is None:
+        return {"loss": f"{mean_loss:.3f}", "acc": f"{accuracy:.3f}"}
+    clean = _global_means(loss_sum, clean_correct, seen, info)[1]
+    return {"loss": f"{mean_loss:.3f}", "clean_acc": f"{clean:.3f}", "adv_acc": f"{accuracy:.3f}"}
 
 
 def evaluate_global(model: torch.nn.Module, split: Split, batch_size: int, amp: bool,
@@ -295,16 +318,41 @@ def evaluate_global(model: torch.nn.Module, split: Split, batch_size: int, amp: 
     return {"loss": loss / total, "accuracy": correct / total}
 
 
+@torch.no_grad()
+def _clean_correct(model: SymModel, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Correct predictions on the clean batch, in eval mode so that BatchNorm running statistics
+    and dropout streams are left exactly as the adversarial step alone leaves them."""
+    model.eval()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        correct = (model(x).argmax(1) == y).sum()
+    model.train()
+    return correct
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One readable line for an epoch's metrics."""
-    return (f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}  "
-            f"val acc {metrics['val_accuracy']:.4f}  test acc {metrics['test_accuracy']:.4f}  "
+    adv = ""
+    if "train_adv_accuracy" in metrics:
+        adv = f" adv acc {metrics['train_adv_accuracy']:.4f}"
+    if "val_pgd_accuracy" in metrics:
+        adv_val = f"  val pgd acc {metrics['val_pgd_accuracy']:.4f}"
+        adv_val += " (best)" if metrics.get("val_pgd_best") else ""
+        adv_val += " CATASTROPHIC OVERFITTING" if metrics.get("catastrophic_overfitting") else ""
+    else:
+        adv_val = ""
+    return (f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}{adv}  "
+            f"val acc {metrics['val_accuracy']:.4f}  test acc {metrics['test_accuracy']:.4f}{adv_val}  "
             f"({metrics['epoch_seconds']:.1f} s)")
 
 
 def log_path_for(checkpoint: Path) -> Path:
     """The per-epoch JSON log written beside a checkpoint: ``<stem>.log.json``."""
     return checkpoint.with_name(checkpoint.stem + ".log.json")
+
+
+def best_path_for(checkpoint: Path) -> Path:
+    """The best-by-robust-validation checkpoint of an adversarial run: ``<stem>.best.safetensors``."""
+    return checkpoint.with_name(checkpoint.stem + ".best.safetensors")
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -412,6 +460,8 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
     lookahead = Lookahead(model, recipe.lookahead_alpha) if recipe.lookahead_every else None
 
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    monitor = (RobustMonitor(recipe.adversarial, val.images, val.labels, recipe.eval_batch_size,
+                             recipe.amp and dev.type == "cuda") if recipe.adversarial.enabled else None)
     header = {"recipe": recipe.to_dict(), "data_source": data.source, "device": str(dev),
               "git_revision": git_revision(), "torch_version": torch.__version__}
     if info.enabled:
@@ -430,22 +480,31 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
         for name, split in (("val", val), ("test", test)):
             result = evaluate_global(model, split, recipe.eval_batch_size, amp, info)
             metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = result["loss"], result["accuracy"]
+        if monitor is not None:
+            monitor.update(model, metrics, history)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         for cb in callbacks:
             cb(model, epoch, metrics)
         history.append(metrics)
+        saved, stop = metrics, False  # adversarial runs may keep an earlier, more robust epoch
+        if monitor is not None:
+            saved, stop = _keep_robust_best(model, out, recipe, history, data.source, info)
         if info.is_main:
-            _write_epoch(model, opt, out, log_path, recipe, metrics, data.source,
-                         {**header, "epochs": history})
+            _write_epoch(model, opt, out, log_path, recipe, saved, data.source,
+                         {**header, "epochs": history}, final=stop)
+        if stop:
+            break
     barrier(info)  # the last checkpoint exists when any rank returns
     model.eval()
     return TrainResult(model, history, out, log_path)
 
 
 def _write_epoch(model: SymModel, opt: torch.optim.Optimizer, out: Path, log_path: Path, recipe: Recipe,
-                 metrics: dict[str, Any], data_source: str, log_record: dict[str, Any]) -> None:
-    """Checkpoint (with optimizer state unless it is the last epoch) and log of a finished epoch."""
-    last = metrics["epoch"] == recipe.epochs
+                 metrics: dict[str, Any], data_source: str, log_record: dict[str, Any],
+                 final: bool = False) -> None:
+    """Checkpoint (with optimizer state unless it is the last epoch) and log of a finished epoch;
+    ``final``: the run stops here early (a collapse), so the checkpoint is complete."""
+    last = final or metrics["epoch"] == recipe.epochs
     opt_tensors, opt_meta = _optimizer_to_tensors(opt)
     save_checkpoint(
         model, out, recipe=recipe.to_dict(), epoch=metrics["epoch"], metrics=metrics,
@@ -455,6 +514,32 @@ def _write_epoch(model: SymModel, opt: torch.optim.Optimizer, out: Path, log_pat
     )
     atomic_write_text(log_path, json.dumps(log_record, indent=2))
     log.info("epoch %d/%d: %s", metrics["epoch"], recipe.epochs, format_metrics(metrics))
+
+
+def _keep_robust_best(model: SymModel, out: Path, recipe: Recipe, history: list[dict[str, Any]],
+                      data_source: str, info: DistInfo) -> tuple[dict[str, Any], bool]:
+    """Adversarial runs: write ``<stem>.best.safetensors`` when the robust validation accuracy
+    sets a record; on catastrophic overfitting with ``stop_on_collapse``, load the best weights
+    back into ``model`` and ask the loop to stop (Wong et al. 2020 keep the pre-collapse model).
+
+    Returns:
+        (metrics to store in the main checkpoint, whether to stop now).
+    """
+    metrics, best = history[-1], best_path_for(out)
+    if metrics["val_pgd_best"] and info.is_main:
+        save_checkpoint(model, best, recipe=recipe.to_dict(), epoch=metrics["epoch"], metrics=metrics,
+                        data_source=data_source, extra={"complete": True, "selected_by": "val_pgd_accuracy"})
+    if not (metrics["catastrophic_overfitting"] and recipe.adversarial.stop_on_collapse):
+        return metrics, False
+    barrier(info)  # rank 0 has written the best epoch before anyone reads it back
+    state, _ = split_train_state(read_checkpoint(best)[0])
+    model.load_state_dict(state)
+    kept = max((e for e in history if "val_pgd_accuracy" in e), key=lambda e: e["val_pgd_accuracy"])
+    metrics["early_stop"] = f"stopped after epoch {metrics['epoch']}; weights of epoch {kept['epoch']} kept"
+    log.warning("catastrophic overfitting: stopping after epoch %d and restoring the weights of epoch %d "
+                "(best robust validation accuracy %.4f) into %s", metrics["epoch"], kept["epoch"],
+                kept["val_pgd_accuracy"], out)
+    return {**kept, "early_stop": metrics["early_stop"]}, True
 
 
 def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimizer,
@@ -467,7 +552,10 @@ def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimi
         raise CheckpointError(f"--resume: no checkpoint at {out} to resume from")
     tensors, info = read_checkpoint(out)
     # Fields added to Recipe after the checkpoint was written take their default values.
-    saved = {**Recipe().to_dict(), **info["recipe"]}
+    try:  # normalised, so a checkpoint from before a recipe field existed compares by its default
+        saved = Recipe.from_dict({**Recipe().to_dict(), **info["recipe"]}, origin=str(out)).to_dict()
+    except RecipeError:
+        saved = {**Recipe().to_dict(), **info["recipe"]}
     if saved != recipe.to_dict():
         diff = sorted(k for k in recipe.to_dict() if saved.get(k) != recipe.to_dict()[k])
         raise CheckpointError(f"--resume: {out} was trained with a different recipe (differs in {diff})")

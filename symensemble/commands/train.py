@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..adversarial import ADVERSARIAL_METHODS, parse_eps
 from ..checkpoint import CheckpointError, prepare_output, read_checkpoint
 from ..data import DataError, SplitSizeError
 from ..recipe import RecipeError, load_recipe
@@ -35,6 +36,18 @@ def _interrupted_hint(out: Path, saved: bool) -> str:
             "with --resume to continue from there.")
 
 
+class _Radius(click.ParamType):
+    """A radius in [0, 1] pixel units, as a number or a fraction such as 8/255."""
+
+    name = "radius"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_eps(value, "value")
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
 @click.command("train", short_help="Train a CIFAR-10 model from a recipe.")
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="TOML recipe (see recipes/).")
@@ -47,6 +60,14 @@ def _interrupted_hint(out: Path, saved: bool) -> str:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Override the learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the batch size.")
+@click.option("--adv-method", type=click.Choice(ADVERSARIAL_METHODS), default=None,
+              help="Override [adversarial] method: adversarial training with FGSM-RS or PGD, or none.")
+@click.option("--adv-eps", type=_Radius(), default=None,
+              help="Override [adversarial] eps, the L-inf radius in [0, 1] units (e.g. 8/255).")
+@click.option("--adv-alpha", type=_Radius(), default=None,
+              help="Override [adversarial] alpha, the attack step size (e.g. 10/255).")
+@click.option("--adv-steps", type=click.IntRange(min=1), default=None,
+              help="Override [adversarial] steps (PGD training).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Training device.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint path (.safetensors) [default: runs/<model>-<act>-h<h>-seed<s>.safetensors].")
@@ -55,20 +76,34 @@ def _interrupted_hint(out: Path, saved: bool) -> str:
 @click.option("--record-q", is_flag=True, help="Record the head's conserved quantities Q every epoch.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | None, seed: int | None,
-            lr: float | None, batch_size: int | None, device: str, out: Path | None, resume: bool,
+            lr: float | None, batch_size: int | None, adv_method: str | None, adv_eps: float | None,
+            adv_alpha: float | None, adv_steps: int | None, device: str, out: Path | None, resume: bool,
             overwrite: bool, record_q: bool, quiet: bool) -> None:
     """Train the model described by --recipe; options override recipe values.
 
     The checkpoint is written atomically after every epoch, metrics to <out>.log.json. An
-    existing --out is refused unless --resume or --overwrite is given. Under torchrun it trains
-    data-parallel; only rank 0 prints and writes.
+    existing --out is refused unless --resume or --overwrite is given. Adversarial runs also
+    keep the epoch with the best PGD validation accuracy in <out>.best.safetensors. Under
+    torchrun it trains data-parallel; only rank 0 prints and writes.
     """
     from ..distributed import distributed, is_main_process
-    from ..train import DivergenceError, default_out, format_metrics, log_path_for, resolve_device, train
+    from ..train import (
+        DivergenceError,
+        best_path_for,
+        default_out,
+        format_metrics,
+        log_path_for,
+        resolve_device,
+        train,
+    )
 
     try:
-        recipe = load_recipe(recipe_path).replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
-    except RecipeError as err:
+        recipe = load_recipe(recipe_path)
+        adversarial = recipe.adversarial.replace(method=adv_method, eps=adv_eps, alpha=adv_alpha,
+                                                 steps=adv_steps)
+        recipe = recipe.replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                                adversarial=adversarial)
+    except ValueError as err:  # RecipeError, or an [adversarial] override out of range
         raise click.BadParameter(str(err), param_hint="--recipe") from None
     out = out or default_out(recipe)
     try:  # before any training: an existing or unwritable --out would lose the work
@@ -117,3 +152,8 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     click.echo(f"metrics:    {result.log_path}")
     if final:
         click.echo(f"test accuracy {final['test_accuracy']:.4f}  val accuracy {final['val_accuracy']:.4f}")
+    robust = [e for e in result.history if "val_pgd_accuracy" in e]
+    if robust:
+        best = max(robust, key=lambda e: e["val_pgd_accuracy"])
+        click.echo(f"best robust validation accuracy {best['val_pgd_accuracy']:.4f} at epoch "
+                   f"{best['epoch']}: {best_path_for(result.checkpoint)}")
