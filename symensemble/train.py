@@ -38,14 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adversarial import RobustMonitor, TrainingAttack
-from .checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    git_revision,
-    read_checkpoint,
-    save_checkpoint,
-    split_train_state,
-)
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint, split_train_state
 from .data import CIFAR10, Split, augment_batch, iterate_batches, load_cifar10
 from .distributed import (
     DistInfo,
@@ -56,9 +49,11 @@ from .distributed import (
     current,
     rank_device,
 )
+from .io import atomic_write_text
 from .lookahead import Lookahead
 from .models import SymModel, create_model
 from .recipe import Recipe, RecipeError
+from .runtime import eval_mode, git_revision, resolve_device
 
 __all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback",
            "DivergenceError"]
@@ -97,16 +92,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     checkpoint: Path
     log_path: Path
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None → CUDA when available else CPU; refuses CUDA when there is none."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu")
-    return dev
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -219,16 +204,14 @@ def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int = 1000,
     """Mean cross-entropy and accuracy of ``model`` on a split (already on the model's device)."""
     if len(split) == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
-    was_training = model.training
-    model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
-    for x, y in iterate_batches(split, batch_size):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in iterate_batches(split, batch_size):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
     return {"loss": loss.item() / len(split), "accuracy": correct.item() / len(split)}
 
 
