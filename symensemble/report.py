@@ -344,7 +344,8 @@ def plot_delta_heatmap(result: EvaluationResult, *, attack: str | None = None,
     One panel per ensemble transform; x = number of members G, y = ensemble radius ε.
     Red cells are worse than the base model (``coolwarm_r``, symmetric color scale).
     By default the clean strength (eps = 0) of the first attack is shown, else its first
-    strength; ``threat`` defaults to ``transfer`` (the threats coincide on clean images).
+    strength; ``threat`` defaults to ``transfer`` (the threats coincide on clean images), and
+    to ``robust`` for portfolio results.
 
     Returns:
         A matplotlib ``Figure``.
@@ -364,7 +365,7 @@ def plot_delta_heatmap(result: EvaluationResult, *, attack: str | None = None,
     elif steps is None:
         candidates = sorted({r.steps for r in recs if r.eps == eps}, key=lambda s: s or 0)
         steps = candidates[0] if candidates else None
-    threats = settings.get("threat", ["transfer"])
+    threats = [ROBUST] if attack == PORTFOLIO else (settings.get("threat") or ["transfer"])
     threat = threat or ("transfer" if "transfer" in threats else threats[0])
     recs = [r for r in recs if r.eps == eps and r.steps == steps]
     base = [r for r in recs if r.transform == ORIGINAL]

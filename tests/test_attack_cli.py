@@ -139,6 +139,17 @@ def test_attack_sweep_writes_the_delta_heatmap(tiny_world, tmp_path):
     assert "| transform | threat | G | ens. eps=1 | ens. eps=0.1 |" in result.output
 
 
+def test_portfolio_sweep_writes_the_delta_heatmap(tiny_world, tmp_path):
+    out = tmp_path / "psweep"
+    data, ckpt = tiny_world
+    result = run("attack", "--checkpoint", str(ckpt), "--data", str(data), "--n", "20",
+                 "--eps", "0,8/255", "--num-members", "2", "--ensemble-eps", "1,0.1",
+                 "--transforms", "original,group", "--apgd-steps", "2", "--no-sanity",
+                 "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (out / "delta_heatmap.png").is_file()
+
+
 def test_attack_default_out_folder(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = small_args(tiny_world, tmp_path / "x", "--eps", "0", "--transforms", "original")
