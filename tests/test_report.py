@@ -191,3 +191,45 @@ def test_compare_with_paper_curve_and_grid():
     text = compare_with_paper(sweep_result(), grid)
     assert "| 20 | -0.300 / -0.350 |" in text and "| 0.1 | +0.000 / +0.000 |" in text
     assert compare_with_paper(fgsm_result(), {}) == ""
+
+
+def test_autoattack_results_write_robustbench_model_info(tmp_path):
+    records = [rec(ORIGINAL, WHITEBOX, 0.0, 0.62, attack="autoattack", steps=None),
+               rec(ORIGINAL, WHITEBOX, 8 / 255, 0.25, attack="autoattack", steps=None),
+               rec("group", "adaptive", 0.0, 0.49, attack="autoattack", steps=None),
+               rec("group", "adaptive", 8 / 255, 0.01, attack="autoattack", steps=None)]
+    settings = {"protocol": "autoattack", "attack": ["autoattack"], "eps": [0.0, 8 / 255],
+                "threat": ["adaptive"], "transforms": ["original", "group"], "num_members": [200],
+                "ensemble_eps": [10.0], "model_name": "paper_cnn", "checkpoint": "x.safetensors",
+                "seed": 0}
+    written = write_results(EvaluationResult(settings, records), tmp_path, figures=False)
+    assert {"robustbench_original.json", "robustbench_group_G200_eps10.json"} <= set(written)
+    base = json.loads((tmp_path / "robustbench_original.json").read_text())
+    assert base["clean_acc"] == "62.00" and base["autoattack_acc"] == "25.00"
+    assert base["eps"] == "8/255" and base["dataset"] == "cifar10"
+    assert base["number_forward_passes"] == 1 and base["architecture"] == "paper_cnn"
+    group = json.loads((tmp_path / "robustbench_group_G200_eps10.json").read_text())
+    assert group["autoattack_acc"] == "1.00" and "G=200" in group["architecture"]
+    # other protocols write no RobustBench files
+    settings["protocol"] = "paper"
+    assert not any(k.startswith("robustbench") for k in
+                   write_results(EvaluationResult(settings, records), tmp_path / "p", figures=False))
+
+
+def test_portfolio_tables_show_the_cascade():
+    def prow(threat, correct, broken=None, eps=0.03):
+        lo, hi = wilson_interval(correct, 100)
+        return Record("group", threat, "portfolio", eps, None, correct / 100, lo, hi, 100, correct,
+                      200, 10.0, None, broken)
+
+    records = [prow("robust", 60, eps=0.0), prow("clean", 60), prow("pgd-transfer", 30, 30),
+               prow("apgd-ce", 20, 10), prow("robust", 20)]
+    result = EvaluationResult({"protocol": "portfolio", "transforms": ["original", "group"],
+                               "num_members": [200], "ensemble_eps": [10.0]}, records)
+    from symensemble.report import portfolio_table
+
+    table = portfolio_table(result)
+    assert "| group (G=200, ε=10) | 0.03 | 0.600 | 0.300 (30) | 0.200 (10) | 0.200 [" in table
+    head = markdown_table(result)
+    assert "| group | robust |" in head and "pgd-transfer" not in head
+    assert result.accuracy("group", eps=0.03) == 0.2
