@@ -11,7 +11,7 @@ from torch import nn
 
 import symensemble as se
 from symensemble import attacks as atk
-from symensemble.data import CIFAR10, Split
+from symensemble.data import CIFAR10
 from symensemble.evaluation import evaluate, stratified_subset
 from symensemble.records import (
     ORIGINAL,
@@ -25,6 +25,7 @@ from symensemble.records import (
 )
 from symensemble.sanity import LARGE_EPS, sanity_checks
 from symensemble.threats import DifferentiableView, get_threat
+from tests.conftest import synthetic_cifar
 
 NUM_CLASSES = 10
 HIDDEN = 4
@@ -33,20 +34,6 @@ HIDDEN = 4
 # ------------------------------------------------------------------------------------------
 # tiny synthetic world: class templates + noise, a 2-channel paper CNN trained in a second
 # ------------------------------------------------------------------------------------------
-
-
-def synthetic_cifar(n_train: int = 100, n_test: int = 60, seed: int = 0) -> CIFAR10:
-    gen = torch.Generator().manual_seed(seed)
-    templates = torch.rand(NUM_CLASSES, 3, 32, 32, generator=gen)
-
-    def split(n: int) -> Split:
-        labels = torch.arange(NUM_CLASSES).repeat_interleave(n // NUM_CLASSES)  # class-ordered
-        noise = torch.rand(len(labels), 3, 32, 32, generator=gen)
-        images = (0.55 * templates[labels] + 0.45 * noise) * 255
-        return Split(images.round().to(torch.uint8), labels)
-
-    return CIFAR10(split(n_train), split(20), split(n_test), tuple(f"c{i}" for i in range(10)),
-                   "synthetic")
 
 
 def tiny_model(data: CIFAR10, act: str = "leaky_relu", steps: int = 40) -> nn.Module:

@@ -14,7 +14,8 @@ from symensemble.portfolio import SoftVote
 from symensemble.records import ORIGINAL
 from symensemble.runner import Runner
 from symensemble.sanity import portfolio_checks
-from tests.test_evaluate import small, synthetic_cifar, tiny_model
+from tests.conftest import synthetic_cifar
+from tests.test_evaluate import small, tiny_model
 
 NUM_CLASSES = 4
 PIXELS = 24  # the toy linear model reads only these pixels, so exact margins stay moderate
