@@ -235,9 +235,9 @@ def command(checkpoint: str, data: Path | None, figures: bool, out: Path | None,
     """Attack the base model and its symmetry ensembles; print and save accuracy tables.
 
     By default every radius runs the attack portfolio: an image counts as robust only if it
-    survives adaptive APGD-CE, APGD-DLR and APGD on a soft-vote surrogate on each target's own
-    output, and PGD and FGSM transferred from the base model (a cascade: each attack only
-    tries images still robust). `--protocol paper` runs the paper's transfer-FGSM grid
+    survives PGD and FGSM transferred from the base model, then APGD-CE, APGD-DLR and APGD on a
+    soft-vote surrogate on each target's own output (a cascade: each attack only tries the
+    images still robust). `--protocol paper` runs the paper's transfer-FGSM grid
     (Figure 11) with `transfer` and `adaptive` threat models. Writes results.json,
     results.csv, table.md and figures to --out.
 
