@@ -44,14 +44,7 @@ from .records import WHITEBOX, WORST, EvaluationResult, Record, wilson_interval
 from .runner import Runner
 from .runtime import eval_mode, git_revision, versions
 from .sanity import sanity_checks
-from .targets import (
-    build_targets,
-    derive_seed,
-    load_dataset,
-    load_target_model,
-    split_tensors,
-    stratified_subset,
-)
+from .targets import load_targets, split_tensors, stratified_subset
 
 __all__ = ["evaluate", "stratified_subset"]
 
@@ -106,13 +99,11 @@ def evaluate(
     info = current()
     dev = rank_device(config.device, info)
     with _caller_state(model, dev):
-        torch.manual_seed(derive_seed(config.seed, "setup"))
-        base, model_info = load_target_model(model, dev)
-        dataset = load_dataset(data)
+        base, model_info, dataset, targets, calibration = load_targets(
+            model, data, config, dev, ensemble_factory)
         subset = stratified_subset(dataset.test.labels, config.n, config.seed)
         x_all, y_all = split_tensors(dataset.test, subset)
         num_classes = _num_classes(base, dataset)
-        targets, calibration = build_targets(base, dataset, config, dev, ensemble_factory)
         units = plan(config, targets)
         runner = Runner(targets[0], config, num_classes)
         flags, seconds = _run(units, runner, x_all, y_all, config, info, dev, progress)

@@ -98,10 +98,8 @@ class Runner:
         strength, cfg = unit.strength, self.config
         shared: dict[str, list[Tensor]] = {}
         flags: dict[tuple[str, str], Tensor] = {}
-        targets = list(dict.fromkeys(m.target.key for m in unit.measures))
-        by_key = {m.target.key: m.target for m in unit.measures}
-        for key in targets:
-            target = by_key[key]
+        targets = {m.target.key: m.target for m in unit.measures}  # in measure order
+        for key, target in targets.items():
             clean = self._clean(target, x, y, batch_index)
             alive = clean.clone()
             flags[(CLEAN, key)] = clean

@@ -34,10 +34,6 @@ def _significantly_greater(hi: Record, lo: Record, z: float, tol: float) -> bool
     return se == 0.0 or diff / se > z
 
 
-def _fmt(field: str, value: Any) -> str:
-    return format_eps(value) if field == "eps" else str(value)
-
-
 def _label(r: Record) -> str:
     who = r.transform if r.num_members is None else (
         f"{r.transform} (G={r.num_members}, ensemble eps={r.ensemble_eps:g})")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torch import nn
 from .evalconfig import EvalConfig
 from .records import ORIGINAL, Target, transform_choices
 
-__all__ = ["build_ensemble", "build_targets", "stratified_subset", "derive_seed",
+__all__ = ["build_ensemble", "build_targets", "load_targets", "Setup", "stratified_subset", "derive_seed",
            "calibration_images", "load_target_model", "load_dataset", "split_tensors"]
 
 EnsembleFactory = Callable[..., nn.Module]
@@ -185,6 +185,31 @@ def build_targets(base: nn.Module, dataset: Any, config: EvalConfig, device: tor
     return targets, {"split": "train", "count": need, "samples_per_member": spm}
 
 
+class Setup(NamedTuple):
+    """What an evaluation attacks: the base model, where it came from, the data, the targets."""
+
+    base: nn.Module
+    model_info: dict[str, Any]
+    dataset: Any
+    targets: list[Target]
+    calibration: dict[str, Any]
+
+
+def load_targets(model: nn.Module | str | os.PathLike, data: Any, config: EvalConfig,
+                 device: torch.device, factory: EnsembleFactory | None = None) -> Setup:
+    """Load the model and data and build every target, seeded as every evaluation is.
+
+    The one place that seeds the setup, so :func:`build_ensemble` and
+    :func:`symensemble.evaluate` build the same ensembles. Reseeds torch's global RNG: run it
+    inside ``torch.random.fork_rng`` to give the caller its state back.
+    """
+    torch.manual_seed(derive_seed(config.seed, "setup"))
+    base, model_info = load_target_model(model, device)
+    dataset = load_dataset(data)
+    targets, calibration = build_targets(base, dataset, config, device, factory)
+    return Setup(base, model_info, dataset, targets, calibration)
+
+
 def build_ensemble(model: nn.Module | str | os.PathLike = "paper_cnn", data: Any = None, *,
                    transform: str = "group", num_members: int = 200, eps: float = 10.0,
                    samples_per_member: int | None = None, aggregate: str = "vote",
@@ -210,7 +235,4 @@ def build_ensemble(model: nn.Module | str | os.PathLike = "paper_cnn", data: Any
                         device=str(device))
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(derive_seed(seed, "setup"))  # as evaluate() seeds its setup
-        base, _ = load_target_model(model, dev)
-        targets, _ = build_targets(base, load_dataset(data), config, dev)
-    return targets[1].module
+        return load_targets(model, data, config, dev).targets[1].module
