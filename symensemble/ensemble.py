@@ -56,6 +56,8 @@ AGGREGATES = ("mean", "vote", "logit_mean")
 
 _MEMBER_BUFFERS = ("g", "W", "b", "condition", "calibration_hidden")
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: the calibration noise has its own stream, so turning it on leaves the member draws unchanged
+_NOISE_SEED_OFFSET = 0x6E6F697365
 
 
 @dataclass
@@ -243,6 +245,9 @@ class SymmetryEnsemble(nn.Module):
         max_condition: cond(σ(g_k H_k)) above which a member is rank-deficient (default
             1/eps(float64) ≈ 4.5e15).
         max_redraws: rank-deficient members are redrawn this many times before the error.
+        calibration_noise: standard deviation of Gaussian noise added to the calibration
+            pre-activations H_k before π(g, H_k) is solved (seeded by ``seed``). The authors'
+            notebook adds 1e-4 (``store_batch``); the default 0 solves on the exact H_k.
         resample_on_forward: draw new members on every forward (stochastic, for EOT).
         chunk_size: members per batched chunk; default from ``max_chunk_bytes``.
         max_chunk_bytes: scratch memory per chunk when ``chunk_size`` is None (64 MiB).
@@ -278,6 +283,7 @@ class SymmetryEnsemble(nn.Module):
         ridge: float | None = None,
         max_condition: float | None = None,
         max_redraws: int = 3,
+        calibration_noise: float = 0.0,
         resample_on_forward: bool = False,
         chunk_size: int | None = None,
         max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
@@ -296,6 +302,11 @@ class SymmetryEnsemble(nn.Module):
             raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
         if not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
             raise ValueError(f"max_chunk_bytes must be a positive integer, got {max_chunk_bytes!r}")
+        if not isinstance(calibration_noise, (int, float)) or not (
+            math.isfinite(calibration_noise) and calibration_noise >= 0
+        ):
+            raise ValueError(f"calibration_noise must be a finite number >= 0, got {calibration_noise!r}")
+        self.calibration_noise = float(calibration_noise)
         if head_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"head_dtype must be torch.float32 or torch.float64, got {head_dtype}")
         self.member_transform = create_transform(
@@ -338,6 +349,10 @@ class SymmetryEnsemble(nn.Module):
                     h,
                 )
             hidden = self._calibration_hidden(images)
+            if calibration_noise:
+                hidden = hidden + calibration_noise * torch.randn(
+                    hidden.shape, generator=torch.Generator().manual_seed((seed + _NOISE_SEED_OFFSET) % 2**63),
+                    dtype=hidden.dtype).to(hidden.device)
             if getattr(self.member_transform, "ridge", None) is None:
                 _check_distinct(hidden, self._samples_per_member)
             self.calibration_hidden = _buffer(hidden, _model_device(model))
@@ -672,7 +687,8 @@ class SymmetryEnsemble(nn.Module):
         return (
             f"num_members={self._num_members}, transform={self.transform!r}, eps={self.eps:g}, "
             f"samples_per_member={self._samples_per_member}, aggregate={self._aggregate!r}, "
-            f"stochastic={self.is_stochastic}, head_dtype={self.head_dtype}"
+            + (f"calibration_noise={self.calibration_noise:g}, " if self.calibration_noise else "")
+            + f"stochastic={self.is_stochastic}, head_dtype={self.head_dtype}"
         )
 
 

@@ -136,6 +136,8 @@ class EvalConfig:
         eot_iter: EOT samples per gradient when ensembles redraw members on every forward.
         resample_members: ensembles redraw members on every forward (stochastic).
         samples_per_member: calibration images per member (default: the head width h).
+        calibration_noise: std of the Gaussian noise added to the calibration pre-activations
+            before π is solved (the authors' notebook: 1e-4; default 0).
         sanity: run the sanity probes.
         apgd_steps, restarts: iterations and restarts of each adaptive APGD (portfolio).
         transfer_steps, transfer_restarts: PGD crafted on the base model (portfolio).
@@ -162,6 +164,7 @@ class EvalConfig:
     eot_iter: int = 10
     resample_members: bool = False
     samples_per_member: int | None = None
+    calibration_noise: float = 0.0
     sanity: bool = True
     apgd_steps: int = 100
     restarts: int = 1
@@ -206,6 +209,11 @@ class EvalConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.samples_per_member is not None:
             out["samples_per_member"] = _int(self.samples_per_member, "samples_per_member", 1)
+        noise = self.calibration_noise
+        if (not isinstance(noise, (int, float)) or isinstance(noise, bool)
+                or not (math.isfinite(noise) and noise >= 0)):
+            raise ValueError(f"calibration_noise must be a finite number >= 0, got {noise!r}")
+        out["calibration_noise"] = float(noise)
         out["device"] = str(self.device)
         for flag in ("resample_members", "sanity", "cascade"):
             out[flag] = bool(getattr(self, flag))

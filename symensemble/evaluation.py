@@ -76,12 +76,13 @@ def evaluate(
             fields (or build one: ``evaluate(model, n=500, eps=["8/255"])``).
         progress: show a tqdm bar over the plan (rank 0 only).
         ensemble_factory: ``fn(model, calibration, *, transform, num_members, eps,
-            samples_per_member, seed, aggregate, resample_on_forward) -> nn.Module``;
+            samples_per_member, seed, aggregate, calibration_noise, resample_on_forward)
+            -> nn.Module``;
             defaults to :class:`symensemble.SymmetryEnsemble`.
         **options: :class:`EvalConfig` fields (protocol, n, eps, attack, steps, alpha,
             transforms, num_members, ensemble_eps, aggregate, attack_aggregate, threat, seed,
-            device, batch_size, eot_iter, resample_members, samples_per_member, sanity,
-            apgd_steps, restarts, transfer_steps, transfer_restarts, square_queries, cascade).
+            device, batch_size, eot_iter, resample_members, samples_per_member,
+            calibration_noise, sanity, apgd_steps, restarts, transfer_steps, transfer_restarts, square_queries, cascade).
 
     Returns:
         An :class:`EvaluationResult` with records, probes, warnings, the config and the

@@ -24,6 +24,9 @@ __all__ = ["Recipe", "RecipeError", "load_recipe", "EvaluationRecipe", "load_eva
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
+#: training losses: ``cross_entropy`` on the logits, or ``double_softmax`` — cross-entropy of the
+#: softmax *probabilities* (a second softmax inside the loss), as the authors' notebook trains
+LOSSES = ("cross_entropy", "double_softmax")
 
 
 class RecipeError(ValueError):
@@ -55,6 +58,7 @@ class Recipe:
     schedule: str = "constant"  # constant | cosine | onecycle (per-step)
     warmup_epochs: float = 0.0  # linear warm-up (cosine), or the rise fraction * epochs (onecycle)
     label_smoothing: float = 0.0
+    loss: str = "cross_entropy"  # cross_entropy | double_softmax (the notebook's; see LOSSES)
     augment: bool = False  # random crop (pad 4) + horizontal flip
     val_size: int = 5000  # training images held out for validation
     split_seed: int = 0  # seed of the validation split, fixed across training seeds
@@ -79,6 +83,7 @@ class Recipe:
             (self.hidden >= 1, "hidden must be >= 1"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (math.isfinite(self.lr) and self.lr > 0, "lr must be a positive number"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),

@@ -177,12 +177,13 @@ def build_targets(base: nn.Module, dataset: Any, config: EvalConfig, device: tor
             for e in config.ensemble_eps:
                 module = make(base, calibration[: g * spm], transform=transform, num_members=g,
                               eps=e, samples_per_member=spm, seed=config.seed,
-                              aggregate=config.aggregate,
+                              aggregate=config.aggregate, calibration_noise=config.calibration_noise,
                               resample_on_forward=config.resample_members)
                 if isinstance(module, nn.Module):
                     module.to(device).eval()
                 targets.append(Target(transform, module, g, e))
-    return targets, {"split": "train", "count": need, "samples_per_member": spm}
+    return targets, {"split": "train", "count": need, "samples_per_member": spm,
+                     "calibration_noise": config.calibration_noise}
 
 
 class Setup(NamedTuple):
@@ -212,7 +213,8 @@ def load_targets(model: nn.Module | str | os.PathLike, data: Any, config: EvalCo
 
 def build_ensemble(model: nn.Module | str | os.PathLike = "paper_cnn", data: Any = None, *,
                    transform: str = "group", num_members: int = 200, eps: float = 10.0,
-                   samples_per_member: int | None = None, aggregate: str = "vote",
+                   samples_per_member: int | None = None, calibration_noise: float = 0.0,
+                   aggregate: str = "vote",
                    resample_members: bool = False, seed: int = 0,
                    device: str | torch.device = "cpu") -> nn.Module:
     """The symmetry ensemble ``symensemble attack`` evaluates for these settings.
@@ -224,13 +226,15 @@ def build_ensemble(model: nn.Module | str | os.PathLike = "paper_cnn", data: Any
     Args:
         model: a model or a checkpoint path / shipped name.
         data: CIFAR-10 source (path, ``None`` for $SYMENSEMBLE_DATA, or a loaded dataset).
-        transform, num_members, eps, samples_per_member, aggregate, resample_members:
+        transform, num_members, eps, samples_per_member, calibration_noise, aggregate,
+        resample_members:
             as :class:`symensemble.SymmetryEnsemble` (``eps`` is the ensemble radius ε).
         seed: the evaluation seed (``--seed``).
         device: torch device.
     """
     config = EvalConfig(transforms=(ORIGINAL, transform), num_members=num_members,
                         ensemble_eps=eps, samples_per_member=samples_per_member,
+                        calibration_noise=calibration_noise,
                         aggregate=aggregate, resample_members=resample_members, seed=seed,
                         device=str(device))
     dev = torch.device(device)

@@ -215,6 +215,21 @@ def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int = 1000,
     return {"loss": loss.item() / len(split), "accuracy": correct.item() / len(split)}
 
 
+def training_loss(logits: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """The recipe's training loss on a batch of logits (mean over the batch).
+
+    ``cross_entropy``: the usual loss on the logits. ``double_softmax``: cross-entropy of the
+    softmax *probabilities*, ``F.cross_entropy(softmax(z), y)`` — the authors' notebook ends its
+    model in a ``Softmax`` and applies ``F.cross_entropy`` to it. That loss is bounded below by
+    log(1 + 9/e) ≈ 1.46, and its gradient vanishes only as the probabilities saturate, so it
+    pushes logits (and the head's pre-activations) to a larger scale than plain cross-entropy.
+    The saved model still outputs logits either way.
+    """
+    if recipe.loss == "double_softmax":
+        logits = logits.softmax(dim=1)
+    return F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+
+
 def _train_epoch(
     model: SymModel, opt: torch.optim.Optimizer, train: Split, recipe: Recipe, epoch: int,
     steps_per_epoch: int, progress: bool, info: DistInfo, net: torch.nn.Module, lookahead: Lookahead | None,
@@ -247,7 +262,7 @@ def _train_epoch(
         x_fit = x if attack is None else attack(model, x, y, epoch * steps_per_epoch + i)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x_fit)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+            loss = training_loss(logits.float(), y, recipe)
         opt.zero_grad(set_to_none=True)
         (loss * weight).backward()  # weight: DDP's mean over ranks = mean over the global batch
         opt.step()

@@ -102,6 +102,29 @@ def test_group_members_exact_at_large_eps_when_well_conditioned():
     assert (err <= 1e-4 + cond * 1e-14).all()
 
 
+def test_calibration_noise_solves_pi_on_the_noisy_pre_activations():
+    """The notebook's store_batch: H_k ← H_k + noise·N(0, 1) before π(g, H_k) is solved."""
+    model = TinyNet("relu_sqr")
+    clean = ensemble(model, n_members=6, eps=1.0)
+    noisy = ensemble(model, n_members=6, eps=1.0, calibration_noise=1e-3)
+    assert torch.equal(noisy.g, clean.g)  # the noise has its own stream: same members' g
+    diff = noisy.calibration_hidden - clean.calibration_hidden
+    assert 0.8e-3 < float(diff.std()) < 1.2e-3 and abs(float(diff.mean())) < 3e-4
+    assert not torch.allclose(noisy.W, clean.W)
+    # defining property on the noisy H̃_k: W_k σ(g_k H̃_k) = U σ(H̃_k), to float64 rounding
+    G, s, h = 6, noisy.samples_per_member, H_DIM
+    Ht = noisy.calibration_hidden.double().view(G, s, h).transpose(1, 2)  # (G, h, s)
+    act, U = model.head.act, model.head.U.weight.detach().double()
+    member = noisy.W @ act(noisy.g @ Ht)
+    assert (member - U @ act(Ht)).abs().max() <= 1e-9 * (U @ act(Ht)).abs().max()
+    again = ensemble(model, n_members=6, eps=1.0, calibration_noise=1e-3)
+    assert torch.equal(again.W, noisy.W)  # seeded
+    assert "calibration_noise=0.001" in repr(noisy) and "calibration_noise" not in repr(clean)
+    for bad in (-1e-4, math.nan, math.inf, "1e-4"):
+        with pytest.raises(ValueError, match="calibration_noise must be a finite number >= 0"):
+            ensemble(model, n_members=2, calibration_noise=bad)
+
+
 def test_identity_reproduces_model_exactly():
     model = TinyNet()
     ens = ensemble(model, transform="identity")

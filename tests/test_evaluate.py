@@ -282,11 +282,13 @@ def test_calibration_comes_from_the_training_split(world):
 
         return SymmetryEnsemble(base, calibration, **kw)
 
-    evaluate(model, data, **small(eps=[0.0], transforms=["group"], num_members=2),
-             ensemble_factory=factory)
+    result = evaluate(model, data, **small(eps=[0.0], transforms=["group"], num_members=2,
+                                           calibration_noise=1e-4), ensemble_factory=factory)
     cal = seen["calibration"]
     assert cal.shape == (2 * HIDDEN, 3, 32, 32)
     assert seen["kw"]["num_members"] == 2 and seen["kw"]["samples_per_member"] == HIDDEN
+    assert seen["kw"]["calibration_noise"] == 1e-4
+    assert result.settings["calibration"]["calibration_noise"] == 1e-4
     def rows_in(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         return (rows.flatten(1)[:, None] == pool.flatten(1)[None]).all(-1).any(-1)
 

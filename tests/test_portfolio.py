@@ -217,6 +217,8 @@ def test_eval_config_resolves_protocol_defaults():
     (dict(num_members=[0]), "num_members"),
     (dict(ensemble_eps=[-1]), "ensemble_eps"),
     (dict(protocol="paper", attack="cw"), "unknown attack"),
+    (dict(calibration_noise=-1e-4), "calibration_noise must be a finite number >= 0"),
+    (dict(calibration_noise=float("nan")), "calibration_noise must be a finite number >= 0"),
 ])
 def test_eval_config_rejects_bad_values(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 import symensemble as se
 from symensemble.cli import main
 from symensemble.recipe import Recipe, RecipeError, load_recipe
-from symensemble.train import _lr_factor, train
+from symensemble.train import _lr_factor, train, training_loss
 
 from .conftest import real_cifar_root, write_image_tree
 
@@ -21,7 +22,8 @@ TINY = dict(hidden=4, model_kwargs={"channels": 2}, batch_size=16, eval_batch_si
             epochs=3, val_size=0)
 
 
-@pytest.mark.parametrize("name", ["paper_cnn", "paper_cnn_relusqr", "resnet18"])
+@pytest.mark.parametrize("name", ["paper_cnn", "paper_cnn_relusqr", "resnet18", "paper_cnn_notebook",
+                                  "paper_cnn_notebook_relusqr"])
 def test_shipped_recipes_parse(name):
     r = load_recipe(RECIPES / f"{name}.toml")
     se.create_model(r.model, **r.model_config())
@@ -60,6 +62,51 @@ def test_recipe_errors(tmp_path):
         Recipe(betas=(0.9, 1.5))
     assert Recipe().replace(epochs=3, lr=None).epochs == 3
     assert Recipe().replace(lr=1).lr == 1.0  # ints are accepted for floats
+
+
+def test_notebook_recipe_matches_the_authors_notebook():
+    """The settings of ensemble_CIFAR.ipynb: x − 0.5 inputs, conv slope 0.01, loss on softmax
+    outputs, the last 20% of the training set held out."""
+    r = load_recipe(RECIPES / "paper_cnn_notebook.toml")
+    assert (r.loss, r.val_size, r.optimizer, r.lr, r.batch_size, r.epochs) == (
+        "double_softmax", 10000, "adam", 1e-3, 32, 10)
+    model = se.create_model(r.model, **r.model_config())
+    assert model.conv_act.negative_slope == 0.01
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.normalize(x), x - 0.5)
+    relu_sqr = load_recipe(RECIPES / "paper_cnn_notebook_relusqr.toml")
+    assert relu_sqr.act == "relu_sqr" and relu_sqr.replace(act="leaky_relu",
+                                                           act_kwargs={"negative_slope": 0.1}) == r
+
+
+def test_double_softmax_loss_is_cross_entropy_of_probabilities():
+    gen = torch.Generator().manual_seed(0)
+    z = 5 * torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    p = z.softmax(1)
+    expected = (torch.logsumexp(p, 1) - p[torch.arange(8), y]).mean()  # −log softmax(p)_y
+    got = training_loss(z, y, Recipe(loss="double_softmax"))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert got.item() >= math.log(1 + 9 / math.e) - 1e-12  # its floor: p one-hot
+    plain = training_loss(z, y, Recipe())
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(z, y).item(), rel=1e-12)
+    assert abs(plain.item() - got.item()) > 0.1
+    with pytest.raises(RecipeError, match="loss must be one of .*'cross_entropy', 'double_softmax'.*got 'mse'"):
+        Recipe(loss="mse")
+
+
+def test_double_softmax_training_runs_and_saves_a_logit_model(tiny_cifar, tmp_path):
+    # the bounded loss has small gradients: a larger lr than TINY's to learn in 3 epochs
+    res = train(Recipe(**{**TINY, "loss": "double_softmax", "lr": 1e-2}), data=tiny_cifar,
+                out=tmp_path / "m.safetensors", device="cpu", progress=False)
+    assert res.history[-1]["test_accuracy"] > 0.6  # chance is 1/3
+    x = tiny_cifar.test.float_images()
+    logits = se.load_model(res.checkpoint)(x)
+    floor = math.log(1 + (logits.shape[1] - 1) / math.e)  # the loss of one-hot probabilities
+    # trained on the double softmax: its loss stays above the floor plain cross-entropy goes under
+    assert floor - 1e-6 <= res.history[-1]["train_loss"] < floor + 0.2
+    assert not torch.allclose(logits.sum(1), torch.ones(len(x)))  # logits, not probabilities
+    assert json.loads(res.log_path.read_text())["recipe"]["loss"] == "double_softmax"
 
 
 def test_lr_schedules():

@@ -222,6 +222,9 @@ def _build_config(**options: Any) -> Any:
               help="Ensembles redraw members on every forward (stochastic; attacked with EOT).")
 @click.option("--samples-per-member", type=click.IntRange(min=1), default=None,
               help="Calibration images per member [default: hidden width h].")
+@click.option("--calibration-noise", type=click.FloatRange(min=0), default=None,
+              help="Std of Gaussian noise added to the calibration pre-activations before π is "
+                   "solved (the authors' notebook: 1e-4) [default: 0].")
 @click.option("--sanity/--no-sanity", default=True, show_default=True,
               help="Run the sanity probes (PGD at eps 64/255; clean and FGSM references).")
 @click.option("--figures/--no-figures", default=True, show_default=True,

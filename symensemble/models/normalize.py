@@ -14,6 +14,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD):
         super().__init__()
+        if len(mean) != 3 or len(std) != 3 or any(not float(v) > 0 for v in std):
+            raise ValueError(f"input normalization needs 3 means and 3 positive stds (one per RGB "
+                             f"channel), got mean={list(mean)} std={list(std)}")
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
