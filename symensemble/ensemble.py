@@ -47,7 +47,8 @@ from .symmetry.activations import Activation
 from .symmetry.stack import StackParams
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
 
-__all__ = ["SymmetryEnsemble", "HeadParts", "TRANSFORMS", "AGGREGATES"]
+__all__ = ["SymmetryEnsemble", "HeadParts", "TRANSFORMS", "AGGREGATES", "DEFAULT_SAMPLES_PER_HIDDEN",
+           "default_samples_per_member"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ AGGREGATES = ("mean", "vote", "logit_mean")
 
 _MEMBER_BUFFERS = ("g", "W", "b", "condition", "calibration_hidden")
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: default calibration images per member, as a multiple of the hidden width h. With s = h the
+#: solve for π is square: members interpolate their h images exactly and extrapolate with the
+#: full cond(σ(g H_k)) ≈ 1e7 (eps = 10); s = 2h makes π a least-squares fit that costs far less
+#: clean accuracy (docs/ensembles.md, "Choosing samples_per_member": the measured table).
+DEFAULT_SAMPLES_PER_HIDDEN = 2
 #: the calibration noise has its own stream, so turning it on leaves the member draws unchanged
 _NOISE_SEED_OFFSET = 0x6E6F697365
 
@@ -209,6 +215,11 @@ def _as_images(images: Tensor | None) -> Tensor | None:
     return images
 
 
+def default_samples_per_member(hidden: int) -> int:
+    """The default s for a head of width h: ``DEFAULT_SAMPLES_PER_HIDDEN · h``."""
+    return DEFAULT_SAMPLES_PER_HIDDEN * int(hidden)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -236,8 +247,9 @@ class SymmetryEnsemble(nn.Module):
         eps: size of the random move: g = exp(eps·T) (``perm_interp``: its own formula).
         transform: a name in :data:`TRANSFORMS` or a
             :class:`~symensemble.transforms.MemberTransform` (which then carries its own eps).
-        samples_per_member: s, calibration images per member (default h). s ≤ h makes members
-            exact on their images; s > h gives a least-squares π.
+        samples_per_member: s, calibration images per member (default 2h, see
+            :data:`DEFAULT_SAMPLES_PER_HIDDEN`). s ≤ h makes members exact on their images (the
+            paper's choice is s = h); s > h gives a least-squares π, which extrapolates better.
         seed: seed of the members' random draws (a CPU generator; reproducible across devices).
         aggregate: ``mean``, ``vote`` or ``logit_mean`` (settable attribute).
         ridge: relative ridge for π (``group``/``shuffle``); ``None`` solves exactly and raises on
@@ -320,7 +332,8 @@ class SymmetryEnsemble(nn.Module):
         self.aggregate = aggregate
         self._num_members = num_members
         h = self._parts.hidden_features
-        self._samples_per_member = h if samples_per_member is None else samples_per_member
+        self._samples_per_member = (default_samples_per_member(h) if samples_per_member is None
+                                    else samples_per_member)
         self.resample_on_forward = bool(resample_on_forward)
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
@@ -350,9 +363,9 @@ class SymmetryEnsemble(nn.Module):
                 )
             hidden = self._calibration_hidden(images)
             if calibration_noise:
-                hidden = hidden + calibration_noise * torch.randn(
-                    hidden.shape, generator=torch.Generator().manual_seed((seed + _NOISE_SEED_OFFSET) % 2**63),
-                    dtype=hidden.dtype).to(hidden.device)
+                noise_gen = torch.Generator().manual_seed((seed + _NOISE_SEED_OFFSET) % 2**63)
+                noise = torch.randn(hidden.shape, generator=noise_gen, dtype=hidden.dtype)
+                hidden = hidden + calibration_noise * noise.to(hidden.device)
             if getattr(self.member_transform, "ridge", None) is None:
                 _check_distinct(hidden, self._samples_per_member)
             self.calibration_hidden = _buffer(hidden, _model_device(model))

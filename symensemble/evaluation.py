@@ -82,7 +82,8 @@ def evaluate(
         **options: :class:`EvalConfig` fields (protocol, n, eps, attack, steps, alpha,
             transforms, num_members, ensemble_eps, aggregate, attack_aggregate, threat, seed,
             device, batch_size, eot_iter, resample_members, samples_per_member,
-            calibration_noise, sanity, apgd_steps, restarts, transfer_steps, transfer_restarts, square_queries, cascade).
+            calibration_noise, sanity, apgd_steps, restarts, transfer_steps, transfer_restarts,
+            square_queries, cascade).
 
     Returns:
         An :class:`EvaluationResult` with records, probes, warnings, the config and the

@@ -120,17 +120,15 @@ def calibration_images(dataset: Any, count: int, seed: int, device: torch.device
     """The first ``count`` images of the evaluation's seeded draw from the training split.
 
     Every ensemble of size G takes the first ``G · samples_per_member`` of them, so a sweep
-    over G nests its calibration sets and one ensemble built alone matches the sweep's.
-
-    Raises:
-        ValueError: more images asked for than the training split holds.
+    over G nests its calibration sets and one ensemble built alone matches the sweep's. When
+    ``count`` exceeds the training split (e.g. h = 128, s = 2h, G = 200 asks for 51,200), the
+    draw continues cyclically through the same permutation: members then share images, but any
+    run of at most N consecutive images — one member's own s ≤ N images — stays distinct.
     """
     n_train = len(dataset.train.labels)
-    if count > n_train:
-        raise ValueError(f"the ensembles need {count} calibration images (num_members × "
-                         f"samples_per_member) but the training split has {n_train}")
     gen = torch.Generator().manual_seed(derive_seed(seed, "calibration") % (2**63))
-    index = torch.randperm(n_train, generator=gen)[:count]
+    perm = torch.randperm(n_train, generator=gen)
+    index = perm[torch.arange(count) % n_train]
     return split_tensors(dataset.train, index)[0].to(device)
 
 
@@ -140,11 +138,18 @@ def _default_factory(model: nn.Module, calibration: torch.Tensor, **kw: Any) -> 
     return SymmetryEnsemble(model, calibration, **kw)
 
 
-def _samples_per_member(base: nn.Module, config: EvalConfig) -> int:
+def _samples_per_member(base: nn.Module, config: EvalConfig, n_train: int) -> int:
+    """``config.samples_per_member``, else the ensemble default (2h); at most the training split."""
+    from .ensemble import default_samples_per_member
+
     head = getattr(base, "head", None)
-    spm = config.samples_per_member or int(getattr(head, "hidden_features", 0) or 0)
-    if not spm:
+    hidden = int(getattr(head, "hidden_features", 0) or 0)
+    if config.samples_per_member is None and not hidden:
         raise ValueError("samples_per_member is needed: the model has no head.hidden_features")
+    spm = config.samples_per_member or default_samples_per_member(hidden)
+    if spm > n_train:
+        raise ValueError(f"samples_per_member={spm} calibration images per member, but the "
+                         f"training split has only {n_train}; pass a smaller samples_per_member")
     return spm
 
 
@@ -168,7 +173,7 @@ def build_targets(base: nn.Module, dataset: Any, config: EvalConfig, device: tor
     targets = [Target(ORIGINAL, base)]
     if not config.ensemble_transforms:
         return targets, {"split": "train", "count": 0}
-    spm = _samples_per_member(base, config)
+    spm = _samples_per_member(base, config, len(dataset.train.labels))
     need = max(config.num_members) * spm
     calibration = calibration_images(dataset, need, config.seed, device)
     make = factory or _default_factory

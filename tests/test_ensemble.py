@@ -55,7 +55,8 @@ def images(n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
 
 def ensemble(model=None, n_members=5, **kw) -> SymmetryEnsemble:
     model = TinyNet() if model is None else model
-    s = kw.get("samples_per_member") or model.head.hidden_features
+    # the paper's s = h (members exact on their calibration images) unless a test says otherwise
+    s = kw.setdefault("samples_per_member", model.head.hidden_features)
     kw.setdefault("eps", 2.0)
     return SymmetryEnsemble(model, images(n_members * s, seed=1), num_members=n_members, **kw)
 
@@ -76,7 +77,7 @@ def own_block_logits(ens: SymmetryEnsemble, cal: torch.Tensor) -> tuple[torch.Te
 
 
 @pytest.mark.parametrize("act", ["leaky_relu", "tanh", "sigmoid", "radial", "relu_sqr"])
-@pytest.mark.parametrize("s", [None, 3])
+@pytest.mark.parametrize("s", [H_DIM, 3])  # exact for s ≤ h (the paper: s = h)
 def test_group_members_reproduce_calibration_logits_float32(act, s):
     model = TinyNet(act)
     ens = ensemble(model, n_members=8, samples_per_member=s, eps=2.0)
@@ -100,6 +101,27 @@ def test_group_members_exact_at_large_eps_when_well_conditioned():
     assert err[ok].max() <= 1e-4
     # Beyond that, the error follows cond·eps(float64)·|logits|.
     assert (err <= 1e-4 + cond * 1e-14).all()
+
+
+def test_default_samples_per_member_is_a_least_squares_fit_over_2h_images():
+    """Default s = 2h: π is the least-squares solution of π σ(g H_k) ≈ σ(H_k), so the residual
+    is orthogonal to σ(g H_k)'s rows (normal equations), and the members no longer interpolate."""
+    from symensemble.ensemble import DEFAULT_SAMPLES_PER_HIDDEN, default_samples_per_member
+
+    assert DEFAULT_SAMPLES_PER_HIDDEN == 2 and default_samples_per_member(H_DIM) == 2 * H_DIM
+    model = TinyNet("tanh", dtype=torch.float64)
+    cal = images(4 * 2 * H_DIM, seed=1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"needs at least {4 * 2 * H_DIM} calibration images"):
+        SymmetryEnsemble(model, cal[:-1], 4, eps=1.0)
+    ens = SymmetryEnsemble(model, cal, 4, eps=1.0)
+    assert ens.samples_per_member == 2 * H_DIM
+    Ht = ens.calibration_hidden.view(4, 2 * H_DIM, H_DIM).transpose(1, 2)  # (G, h, 2h)
+    act, U = model.head.act, model.head.U.weight.detach()
+    A = act(ens.g @ Ht)  # σ(g H_k), (G, h, 2h)
+    residual = ens.W @ A - U @ act(Ht)  # (G, C, 2h)
+    assert residual.abs().max() > 1e-6  # not interpolating 2h images with h unknowns per row
+    normal = residual @ A.transpose(1, 2)  # (W − Uπ*) A Aᵀ = 0 at the least-squares optimum
+    assert normal.abs().max() <= 1e-8 * (U @ act(Ht) @ A.transpose(1, 2)).abs().max()
 
 
 def test_calibration_noise_solves_pi_on_the_noisy_pre_activations():
@@ -146,7 +168,8 @@ def test_identity_activation_makes_group_and_ginv_exact_everywhere():
     x = images(9, seed=4, dtype=torch.float64)
     for transform in ("group", "ginv"):
         ens = SymmetryEnsemble(
-            model, images(5 * H_DIM, seed=1, dtype=torch.float64), 5, eps=1.0, transform=transform
+            model, images(5 * H_DIM, seed=1, dtype=torch.float64), 5, eps=1.0, transform=transform,
+                    samples_per_member=H_DIM
         )
         with torch.no_grad():
             torch.testing.assert_close(ens.member_logits(x), model(x).expand(5, -1, -1))
@@ -207,7 +230,8 @@ def test_gradients_flow_through_every_member():
 def test_gradcheck_through_chunked_members(aggregate):
     model = TinyNet("tanh", dtype=torch.float64)
     cal = images(5 * H_DIM, seed=1, dtype=torch.float64)
-    ens = SymmetryEnsemble(model, cal, 5, eps=1.0, aggregate=aggregate, chunk_size=2)
+    ens = SymmetryEnsemble(model, cal, 5, eps=1.0, aggregate=aggregate, chunk_size=2,
+            samples_per_member=H_DIM)
     x = images(1, seed=9, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(ens, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
     assert torch.autograd.gradcheck(ens.member_logits, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
@@ -333,8 +357,8 @@ def test_train_eval_modes_propagate():
 def test_uint8_calibration_images_are_scaled():
     model = TinyNet()
     cal8 = (images(5 * H_DIM, seed=1) * 255).round().to(torch.uint8)
-    a = SymmetryEnsemble(model, cal8, 5, eps=1.0)
-    b = SymmetryEnsemble(model, cal8.float() / 255, 5, eps=1.0)
+    a = SymmetryEnsemble(model, cal8, 5, eps=1.0, samples_per_member=H_DIM)
+    b = SymmetryEnsemble(model, cal8.float() / 255, 5, eps=1.0, samples_per_member=H_DIM)
     assert torch.equal(a.W, b.W)
 
 
@@ -347,12 +371,14 @@ def test_from_modules_wraps_a_user_network():
     net = UserNet().eval()
     cal = images(4 * H_DIM, seed=1)
     ens = SymmetryEnsemble.from_modules(
-        net, cal, embed="features", V="fc1", act="act", U="fc2", num_members=4, eps=2.0
+        net, cal, embed="features", V="fc1", act="act", U="fc2", num_members=4, eps=2.0,
+                samples_per_member=H_DIM
     )
     own, base = own_block_logits(ens, cal)
     assert (own - base).abs().max() <= 1e-4
     ident = SymmetryEnsemble.from_modules(
-        net, cal, embed=net.features, V=net.fc1, act=net.act, U="fc2", transform="identity"
+        net, cal, embed=net.features, V=net.fc1, act=net.act, U="fc2", transform="identity",
+                samples_per_member=H_DIM
     )
     x = images(3, seed=2)
     with torch.no_grad():
@@ -364,16 +390,18 @@ def test_from_modules_errors():
     cal = images(4 * H_DIM, seed=1)
     kw = {"num_members": 4}
     with pytest.raises(ValueError, match="not a submodule"):
-        SymmetryEnsemble.from_modules(net, cal, embed="features", V="fc9", act="act", U="fc2", **kw)
+        SymmetryEnsemble.from_modules(net, cal, embed="features", V="fc9", act="act", U="fc2", **kw,
+                samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="expected an nn.Linear"):
-        SymmetryEnsemble.from_modules(net, cal, embed="features", V="act", act="act", U="fc2", **kw)
+        SymmetryEnsemble.from_modules(net, cal, embed="features", V="act", act="act", U="fc2", **kw,
+                samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="same hidden width"):
         SymmetryEnsemble.from_modules(
-            net, cal, embed=None, V="features.1", act="act", U="fc2", **kw
+            net, cal, embed=None, V="features.1", act="act", U="fc2", **kw, samples_per_member=H_DIM
         )
     with pytest.raises(ValueError, match="differs from U"):  # wrong activation
         SymmetryEnsemble.from_modules(
-            net, cal, embed="features", V="fc1", act=torch.tanh, U="fc2", **kw
+            net, cal, embed="features", V="fc1", act=torch.tanh, U="fc2", **kw, samples_per_member=H_DIM
         )
     with pytest.raises(ValueError, match="no symmetry head"):
         SymmetryEnsemble(net, cal, **kw)
@@ -408,22 +436,22 @@ def test_constructor_errors():
     model = TinyNet()
     cal = images(5 * H_DIM, seed=1)
     with pytest.raises(ValueError, match=r"needs at least 30 calibration images .* got 29"):
-        SymmetryEnsemble(model, cal[:29], 5)
+        SymmetryEnsemble(model, cal[:29], 5, samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="needs at least"):
-        SymmetryEnsemble(model, None, 5)
+        SymmetryEnsemble(model, None, 5, samples_per_member=H_DIM)
     SymmetryEnsemble(model, None, 5, transform="ginv")  # baselines need no calibration
     with pytest.raises(ValueError, match="unknown transform"):
-        SymmetryEnsemble(model, cal, 5, transform="rotate")
+        SymmetryEnsemble(model, cal, 5, transform="rotate", samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="unknown aggregate"):
-        SymmetryEnsemble(model, cal, 5, aggregate="max")
+        SymmetryEnsemble(model, cal, 5, aggregate="max", samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="eps"):
-        SymmetryEnsemble(model, cal, 5, eps=-1.0)
+        SymmetryEnsemble(model, cal, 5, eps=-1.0, samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="num_members"):
-        SymmetryEnsemble(model, cal, 0)
+        SymmetryEnsemble(model, cal, 0, samples_per_member=H_DIM)
     with pytest.raises(ValueError, match="only apply to the transforms that solve"):
         SymmetryEnsemble(model, cal, 5, transform="ginv", ridge=1e-6)
     with pytest.raises(ValueError, match="head_dtype"):
-        SymmetryEnsemble(model, cal, 5, head_dtype=torch.float16)
+        SymmetryEnsemble(model, cal, 5, head_dtype=torch.float16, samples_per_member=H_DIM)
 
 
 def test_rank_deficient_member_names_member_and_condition():
@@ -433,8 +461,9 @@ def test_rank_deficient_member_names_member_and_condition():
     with pytest.raises(
         ValueError, match=r"member 2: .*rank-deficient .*condition number.*12 and 13"
     ):
-        SymmetryEnsemble(model, cal, 5, eps=1.0)
-    ens = SymmetryEnsemble(model, cal, 5, eps=1.0, ridge=1e-10)  # regularized only when asked
+        SymmetryEnsemble(model, cal, 5, eps=1.0, samples_per_member=H_DIM)
+    ens = SymmetryEnsemble(model, cal, 5, eps=1.0, ridge=1e-10,
+            samples_per_member=H_DIM)  # regularized only when asked
     assert ens.condition[2] > 1e7 and torch.isfinite(ens.W).all()
     own, base = own_block_logits(ens, cal)
     assert (own - base).abs().max() < 1e-2  # the ridge trades exactness for stability
@@ -445,17 +474,19 @@ def test_relu_zero_columns_are_rank_deficient():
     with torch.no_grad():
         model.head.V.bias.fill_(-100.0)  # every pre-activation negative: σ(gH) = 0 for g = I
     with pytest.raises(ValueError, match=r"member 0: .*condition number inf .*after 3 redraws"):
-        SymmetryEnsemble(model, images(5 * H_DIM, seed=1), 5, eps=0.0)
+        SymmetryEnsemble(model, images(5 * H_DIM, seed=1), 5, eps=0.0, samples_per_member=H_DIM)
 
 
 def test_ill_conditioned_members_are_redrawn(caplog):
     model = TinyNet()
     cal = images(20 * H_DIM, seed=1)
-    limit = float(SymmetryEnsemble(model, cal, 20, eps=3.0).condition.median())
+    limit = float(SymmetryEnsemble(model, cal, 20, eps=3.0, samples_per_member=H_DIM).condition.median())
     with pytest.raises(ValueError, match="after 0 redraws"):
-        SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=0)
+        SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=0,
+                samples_per_member=H_DIM)
     with caplog.at_level("WARNING", logger="symensemble.transforms"):
-        ens = SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=60)
+        ens = SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=60,
+                samples_per_member=H_DIM)
     assert "redrawing" in caplog.text
     assert (ens.condition <= limit).all()
     own, base = own_block_logits(ens, cal)
@@ -466,10 +497,10 @@ def test_head_the_transform_cannot_handle():
     model = TinyNet()
     model.head.V = nn.Sequential(nn.Linear(10, H_DIM))
     with pytest.raises(ValueError, match="expected an nn.Linear"):
-        SymmetryEnsemble(model, images(30), 5)
+        SymmetryEnsemble(model, images(30), 5, samples_per_member=H_DIM)
     parts = HeadParts(TinyNet().embed, TinyNet().head.V, torch.tanh, TinyNet().head.U)
     with pytest.raises(ValueError, match="submodule of the model"):
-        SymmetryEnsemble(TinyNet(), images(30), 5, head=parts)
+        SymmetryEnsemble(TinyNet(), images(30), 5, head=parts, samples_per_member=H_DIM)
 
 
 def test_public_api():
@@ -511,7 +542,7 @@ def cifar():
 def test_figure10_pattern_on_cifar10(cifar):
     """Figure 10 at eps = 10, 200 members, vote: group keeps most of the accuracy, baselines fall
     to chance. Measured on 2,000 test images, 3 seeds (docs/ensembles.md): base 0.641; group
-    0.487–0.515 with s = h = 16 (the default), 0.606–0.612 with s = 2h; ginv, random and shuffle
+    0.487–0.515 with s = h = 16 (the paper's), 0.606–0.612 with s = 2h (the default); ginv, random and shuffle
     0.08–0.13."""
     model = symensemble.load_model(CHECKPOINT)
     gen = torch.Generator().manual_seed(0)
@@ -523,8 +554,8 @@ def test_figure10_pattern_on_cifar10(cifar):
         base = (model(x).argmax(1) == y).float().mean().item()
         acc = {}
         for name, transform, s in [
-            ("group", "group", None),
-            ("group_2h", "group", 32),
+            ("group", "group", 16),  # the paper's s = h
+            ("group_2h", "group", None),  # the default, s = 2h
             ("ginv", "ginv", None),
             ("random", "random", None),
             ("shuffle", "shuffle", None),

@@ -285,8 +285,8 @@ def test_calibration_comes_from_the_training_split(world):
     result = evaluate(model, data, **small(eps=[0.0], transforms=["group"], num_members=2,
                                            calibration_noise=1e-4), ensemble_factory=factory)
     cal = seen["calibration"]
-    assert cal.shape == (2 * HIDDEN, 3, 32, 32)
-    assert seen["kw"]["num_members"] == 2 and seen["kw"]["samples_per_member"] == HIDDEN
+    assert cal.shape == (2 * 2 * HIDDEN, 3, 32, 32)  # G · s, s = 2h by default
+    assert seen["kw"]["num_members"] == 2 and seen["kw"]["samples_per_member"] == 2 * HIDDEN
     assert seen["kw"]["calibration_noise"] == 1e-4
     assert result.settings["calibration"]["calibration_noise"] == 1e-4
     def rows_in(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
@@ -294,6 +294,25 @@ def test_calibration_comes_from_the_training_split(world):
 
     assert rows_in(cal, data.train.float_images()).all()
     assert not rows_in(cal, data.test.float_images()).any()
+
+
+def test_calibration_draw_wraps_around_a_small_training_split(world):
+    """G·s above the training split: the same permutation continues, each member's own
+    s images stay distinct, and a larger s than the split is refused by name."""
+    from symensemble.targets import calibration_images
+
+    _, data = world
+    n_train = len(data.train.labels)
+    first = calibration_images(data, n_train, seed=3)
+    more = calibration_images(data, 2 * n_train + 5, seed=3)
+    assert torch.equal(more[:n_train], first) and torch.equal(more[n_train:2 * n_train], first)
+    assert torch.equal(more[2 * n_train:], first[:5])
+    assert torch.unique(first.flatten(1), dim=0).shape[0] == n_train  # one cycle: all distinct
+    cfg = dict(eps=[0.0], transforms=["group"], num_members=n_train, ensemble_eps=0.1)
+    result = evaluate(world[0], data, **small(**cfg))  # needs 2h·N images: wraps, still solves
+    assert result.settings["calibration"]["count"] == 2 * HIDDEN * n_train
+    with pytest.raises(ValueError, match=f"samples_per_member={n_train + 1} .* only {n_train}"):
+        evaluate(world[0], data, **small(**cfg, samples_per_member=n_train + 1))
 
 
 def test_sweeps_build_one_ensemble_per_cell(world):
@@ -522,7 +541,7 @@ def test_differentiable_view_restores_the_aggregate(world):
     from symensemble.ensemble import SymmetryEnsemble
 
     ens = SymmetryEnsemble(model, data.train.float_images()[: 2 * HIDDEN], num_members=2,
-                           eps=0.1, aggregate="vote")
+                           eps=0.1, aggregate="vote", samples_per_member=HIDDEN)
     view = DifferentiableView(ens)
     x = data.test.float_images()[:4].requires_grad_()
     out = view(x)
