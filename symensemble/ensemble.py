@@ -314,9 +314,8 @@ class SymmetryEnsemble(nn.Module):
             raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
         if not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1:
             raise ValueError(f"max_chunk_bytes must be a positive integer, got {max_chunk_bytes!r}")
-        if not isinstance(calibration_noise, (int, float)) or not (
-            math.isfinite(calibration_noise) and calibration_noise >= 0
-        ):
+        if (not isinstance(calibration_noise, (int, float)) or isinstance(calibration_noise, bool)
+                or not (math.isfinite(calibration_noise) and calibration_noise >= 0)):
             raise ValueError(f"calibration_noise must be a finite number >= 0, got {calibration_noise!r}")
         self.calibration_noise = float(calibration_noise)
         if head_dtype not in (torch.float32, torch.float64):

@@ -142,7 +142,7 @@ def test_calibration_noise_solves_pi_on_the_noisy_pre_activations():
     again = ensemble(model, n_members=6, eps=1.0, calibration_noise=1e-3)
     assert torch.equal(again.W, noisy.W)  # seeded
     assert "calibration_noise=0.001" in repr(noisy) and "calibration_noise" not in repr(clean)
-    for bad in (-1e-4, math.nan, math.inf, "1e-4"):
+    for bad in (-1e-4, math.nan, math.inf, "1e-4", True):
         with pytest.raises(ValueError, match="calibration_noise must be a finite number >= 0"):
             ensemble(model, n_members=2, calibration_noise=bad)
 
