@@ -311,7 +311,10 @@ def test_shipped_recipes_parse(name):
     assert spec.model.startswith("paper_cnn")
     assert spec.config.protocol == "paper"  # the paper's protocol, whatever the default
     assert spec.paper["accuracy"]["original"]
+    assert spec.config.samples_per_member == 16  # the paper's s = h, whatever the default
+    assert (REPO / "checkpoints" / f"{spec.model}.safetensors").is_file()
     if name == "paper_fig10":
+        assert spec.config.calibration_noise == 1e-4 and spec.model == "paper_cnn_notebook_relusqr"
         acc = spec.paper["accuracy"]
         assert all(len(acc[t]) == 7 and all(len(row) == 7 for row in acc[t]) for t in acc)
 

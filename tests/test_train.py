@@ -79,6 +79,18 @@ def test_notebook_recipe_matches_the_authors_notebook():
                                                            act_kwargs={"negative_slope": 0.1}) == r
 
 
+@pytest.mark.parametrize("name", ["paper_cnn_notebook", "paper_cnn_notebook_relusqr"])
+def test_shipped_notebook_checkpoints_match_their_recipes(name):
+    path = Path(__file__).resolve().parent.parent / "checkpoints" / f"{name}.safetensors"
+    if not path.is_file():
+        pytest.skip("not shipped")
+    model, info = se.load_model(name, with_info=True)
+    assert Recipe.from_dict(info["recipe"]) == load_recipe(RECIPES / f"{name}.toml")
+    assert torch.equal(model.normalize.mean.flatten(), torch.full((3,), 0.5))
+    assert torch.equal(model.normalize.std.flatten(), torch.ones(3))
+    assert 0.5 < info["metrics"]["test_accuracy"] < 0.65
+
+
 def test_double_softmax_loss_is_cross_entropy_of_probabilities():
     gen = torch.Generator().manual_seed(0)
     z = 5 * torch.randn(8, 10, generator=gen, dtype=torch.float64)
