@@ -34,6 +34,7 @@ import torchattacks
 
 import symensemble as se
 from symensemble.attacks import get_attack
+from symensemble.ensemble import default_samples_per_member
 from symensemble.evaluation import evaluate, stratified_subset
 from symensemble.portfolio import portfolio_components
 from symensemble.threats import DifferentiableView
@@ -125,7 +126,8 @@ def main() -> None:
     cal = data.train.images[torch.randperm(len(data.train.labels),
                                            generator=torch.Generator().manual_seed(1))]
     h = model.head.hidden_features
-    cal = cal[: args.members * h].float().div(255).to(args.device)
+    s = default_samples_per_member(h)
+    cal = cal[: args.members * s].float().div(255).to(args.device)
     t_build, ens = _timed(lambda: se.SymmetryEnsemble(model, cal, num_members=args.members,
                                                       eps=10.0, transform="group", seed=0,
                                                       aggregate="vote"))

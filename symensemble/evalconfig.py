@@ -135,7 +135,8 @@ class EvalConfig:
         batch_size: images per attack batch.
         eot_iter: EOT samples per gradient when ensembles redraw members on every forward.
         resample_members: ensembles redraw members on every forward (stochastic).
-        samples_per_member: calibration images per member (default: the head width h).
+        samples_per_member: calibration images per member (default: 2h, twice the head width;
+            the paper recipes pin the paper's s = h).
         calibration_noise: std of the Gaussian noise added to the calibration pre-activations
             before π is solved (the authors' notebook: 1e-4; default 0).
         sanity: run the sanity probes.

@@ -221,7 +221,8 @@ def _build_config(**options: Any) -> Any:
 @click.option("--resample-members", is_flag=True,
               help="Ensembles redraw members on every forward (stochastic; attacked with EOT).")
 @click.option("--samples-per-member", type=click.IntRange(min=1), default=None,
-              help="Calibration images per member [default: hidden width h].")
+              help="Calibration images per member [default: 2h, twice the hidden width; the "
+                   "paper used h].")
 @click.option("--calibration-noise", type=click.FloatRange(min=0), default=None,
               help="Std of Gaussian noise added to the calibration pre-activations before π is "
                    "solved (the authors' notebook: 1e-4) [default: 0].")
