@@ -169,7 +169,7 @@ def test_identity_activation_makes_group_and_ginv_exact_everywhere():
     for transform in ("group", "ginv"):
         ens = SymmetryEnsemble(
             model, images(5 * H_DIM, seed=1, dtype=torch.float64), 5, eps=1.0, transform=transform,
-                    samples_per_member=H_DIM
+            samples_per_member=H_DIM,
         )
         with torch.no_grad():
             torch.testing.assert_close(ens.member_logits(x), model(x).expand(5, -1, -1))
@@ -231,7 +231,7 @@ def test_gradcheck_through_chunked_members(aggregate):
     model = TinyNet("tanh", dtype=torch.float64)
     cal = images(5 * H_DIM, seed=1, dtype=torch.float64)
     ens = SymmetryEnsemble(model, cal, 5, eps=1.0, aggregate=aggregate, chunk_size=2,
-            samples_per_member=H_DIM)
+                           samples_per_member=H_DIM)
     x = images(1, seed=9, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(ens, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
     assert torch.autograd.gradcheck(ens.member_logits, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
@@ -372,13 +372,13 @@ def test_from_modules_wraps_a_user_network():
     cal = images(4 * H_DIM, seed=1)
     ens = SymmetryEnsemble.from_modules(
         net, cal, embed="features", V="fc1", act="act", U="fc2", num_members=4, eps=2.0,
-                samples_per_member=H_DIM
+        samples_per_member=H_DIM,
     )
     own, base = own_block_logits(ens, cal)
     assert (own - base).abs().max() <= 1e-4
     ident = SymmetryEnsemble.from_modules(
         net, cal, embed=net.features, V=net.fc1, act=net.act, U="fc2", transform="identity",
-                samples_per_member=H_DIM
+        samples_per_member=H_DIM,
     )
     x = images(3, seed=2)
     with torch.no_grad():
@@ -388,20 +388,18 @@ def test_from_modules_wraps_a_user_network():
 def test_from_modules_errors():
     net = UserNet().eval()
     cal = images(4 * H_DIM, seed=1)
-    kw = {"num_members": 4}
+    kw = {"num_members": 4, "samples_per_member": H_DIM}
     with pytest.raises(ValueError, match="not a submodule"):
-        SymmetryEnsemble.from_modules(net, cal, embed="features", V="fc9", act="act", U="fc2", **kw,
-                samples_per_member=H_DIM)
+        SymmetryEnsemble.from_modules(net, cal, embed="features", V="fc9", act="act", U="fc2", **kw)
     with pytest.raises(ValueError, match="expected an nn.Linear"):
-        SymmetryEnsemble.from_modules(net, cal, embed="features", V="act", act="act", U="fc2", **kw,
-                samples_per_member=H_DIM)
+        SymmetryEnsemble.from_modules(net, cal, embed="features", V="act", act="act", U="fc2", **kw)
     with pytest.raises(ValueError, match="same hidden width"):
         SymmetryEnsemble.from_modules(
-            net, cal, embed=None, V="features.1", act="act", U="fc2", **kw, samples_per_member=H_DIM
+            net, cal, embed=None, V="features.1", act="act", U="fc2", **kw
         )
     with pytest.raises(ValueError, match="differs from U"):  # wrong activation
         SymmetryEnsemble.from_modules(
-            net, cal, embed="features", V="fc1", act=torch.tanh, U="fc2", **kw, samples_per_member=H_DIM
+            net, cal, embed="features", V="fc1", act=torch.tanh, U="fc2", **kw
         )
     with pytest.raises(ValueError, match="no symmetry head"):
         SymmetryEnsemble(net, cal, **kw)
@@ -463,7 +461,7 @@ def test_rank_deficient_member_names_member_and_condition():
     ):
         SymmetryEnsemble(model, cal, 5, eps=1.0, samples_per_member=H_DIM)
     ens = SymmetryEnsemble(model, cal, 5, eps=1.0, ridge=1e-10,
-            samples_per_member=H_DIM)  # regularized only when asked
+                           samples_per_member=H_DIM)  # regularized only when asked
     assert ens.condition[2] > 1e7 and torch.isfinite(ens.W).all()
     own, base = own_block_logits(ens, cal)
     assert (own - base).abs().max() < 1e-2  # the ridge trades exactness for stability
@@ -483,10 +481,10 @@ def test_ill_conditioned_members_are_redrawn(caplog):
     limit = float(SymmetryEnsemble(model, cal, 20, eps=3.0, samples_per_member=H_DIM).condition.median())
     with pytest.raises(ValueError, match="after 0 redraws"):
         SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=0,
-                samples_per_member=H_DIM)
+                         samples_per_member=H_DIM)
     with caplog.at_level("WARNING", logger="symensemble.transforms"):
         ens = SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=60,
-                samples_per_member=H_DIM)
+                               samples_per_member=H_DIM)
     assert "redrawing" in caplog.text
     assert (ens.condition <= limit).all()
     own, base = own_block_logits(ens, cal)
