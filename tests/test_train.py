@@ -15,7 +15,7 @@ from symensemble.cli import main
 from symensemble.recipe import Recipe, RecipeError, load_recipe
 from symensemble.train import _lr_factor, train, training_loss
 
-from .conftest import real_cifar_root, write_image_tree
+from .conftest import SHIPPED, real_cifar_root, write_image_tree
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TINY = dict(hidden=4, model_kwargs={"channels": 2}, batch_size=16, eval_batch_size=64, lr=3e-3,
@@ -81,8 +81,7 @@ def test_notebook_recipe_matches_the_authors_notebook():
 
 @pytest.mark.parametrize("name", ["paper_cnn_notebook", "paper_cnn_notebook_relusqr"])
 def test_shipped_notebook_checkpoints_match_their_recipes(name):
-    path = Path(__file__).resolve().parent.parent / "checkpoints" / f"{name}.safetensors"
-    if not path.is_file():
+    if not (SHIPPED / f"{name}.safetensors").is_file():
         pytest.skip("not shipped")
     model, info = se.load_model(name, with_info=True)
     assert Recipe.from_dict(info["recipe"]) == load_recipe(RECIPES / f"{name}.toml")

@@ -36,9 +36,10 @@ def trace(name: str, x: torch.Tensor, y: torch.Tensor) -> dict:
     model = se.load_model(name).eval()
     head = model.head
     with torch.no_grad():
-        H = head.V(model.embed(x)).double()  # (N, h)
-        base = float((model(x).argmax(1) == y).double().mean())
-        logits = model(x).double()
+        features = model.embed(x)  # the backbone once; model(x) == head(embed(x))
+        H = head.V(features).double()  # (N, h)
+        logits = head(features).double()
+    base = float((logits.argmax(1) == y).double().mean())
     act = head.act
     out = {"checkpoint": name, "clean": base,
            "H": {"mean": float(H.mean()), "std": float(H.std()), "abs_median": float(H.abs().median()),
