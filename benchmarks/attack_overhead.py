@@ -33,11 +33,11 @@ import torch
 import torchattacks
 
 import symensemble as se
-from symensemble.attacks import get_attack
-from symensemble.ensemble import default_samples_per_member
-from symensemble.evaluation import evaluate, stratified_subset
-from symensemble.portfolio import portfolio_components
-from symensemble.threats import DifferentiableView
+from symensemble.ensembles.ensemble import default_samples_per_member
+from symensemble.robustness.attacks.grid import get_attack
+from symensemble.robustness.attacks.portfolio import portfolio_components
+from symensemble.robustness.evaluation import evaluate, stratified_subset
+from symensemble.robustness.threats import DifferentiableView
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 

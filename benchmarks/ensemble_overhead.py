@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import symensemble  # noqa: E402
-from symensemble.ensemble import SymmetryEnsemble  # noqa: E402
+from symensemble.ensembles.ensemble import SymmetryEnsemble  # noqa: E402
 
 # s = h = 16 for paper_cnn: the figures in docs/ensembles.md ("Cost") were measured with it, when
 # it was the default (now 2h; a build then runs the backbone over twice the images)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from symensemble.data import CIFAR10, DataError, Split, load_cifar10
 from symensemble.models import create_model
-from symensemble.recipe import Recipe
-from symensemble.train import train
+from symensemble.training.loop import train
+from symensemble.training.recipe import Recipe
 
 
 def plain_epoch(data: CIFAR10, recipe: Recipe) -> float:

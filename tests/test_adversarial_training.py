@@ -14,12 +14,19 @@ from click.testing import CliRunner
 from torch import nn
 
 import symensemble as se
-from symensemble.adversarial import AdversarialConfig, RobustMonitor, detect_collapse, fgsm_rs, parse_eps, pgd
 from symensemble.checkpoint import read_checkpoint
 from symensemble.cli import main
 from symensemble.data import CIFAR10, Split
-from symensemble.recipe import Recipe, RecipeError, load_recipe
-from symensemble.train import best_path_for, log_path_for, train
+from symensemble.training.adversarial import (
+    AdversarialConfig,
+    RobustMonitor,
+    detect_collapse,
+    fgsm_rs,
+    parse_eps,
+    pgd,
+)
+from symensemble.training.loop import best_path_for, log_path_for, train
+from symensemble.training.recipe import Recipe, RecipeError, load_recipe
 
 from .conftest import SHIPPED, real_cifar_root, write_image_tree
 from .test_train import RECIPES

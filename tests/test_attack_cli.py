@@ -15,7 +15,7 @@ from torchvision.io import write_png
 import symensemble as se
 from symensemble.cli import main
 from symensemble.data import CIFAR10_CLASSES
-from symensemble.recipe import load_evaluation_recipe
+from symensemble.training.recipe import load_evaluation_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io
 
@@ -210,9 +210,9 @@ def test_attack_unwritable_out_is_a_clear_error(tiny_world, tmp_path):
 def test_evaluate_or_fail_lets_real_bugs_through(monkeypatch):
     import click
 
-    from symensemble import evaluation
     from symensemble.commands.attack import _evaluate
-    from symensemble.evalconfig import EvalConfig
+    from symensemble.robustness import evaluation
+    from symensemble.robustness.config import EvalConfig
 
     def buggy(*args, **kw):
         raise TypeError("a genuine bug")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import symensemble
-from symensemble.ensemble import TRANSFORMS, HeadParts, SymmetryEnsemble
+from symensemble.ensembles.ensemble import TRANSFORMS, HeadParts, SymmetryEnsemble
 from symensemble.models import SymHead, SymModel, create_model, list_models
 
 H_DIM, C_DIM = 6, 4
@@ -106,7 +106,7 @@ def test_group_members_exact_at_large_eps_when_well_conditioned():
 def test_default_samples_per_member_is_a_least_squares_fit_over_2h_images():
     """Default s = 2h: π is the least-squares solution of π σ(g H_k) ≈ σ(H_k), so the residual
     is orthogonal to σ(g H_k)'s rows (normal equations), and the members no longer interpolate."""
-    from symensemble.ensemble import DEFAULT_SAMPLES_PER_HIDDEN, default_samples_per_member
+    from symensemble.ensembles.ensemble import DEFAULT_SAMPLES_PER_HIDDEN, default_samples_per_member
 
     assert DEFAULT_SAMPLES_PER_HIDDEN == 2 and default_samples_per_member(H_DIM) == 2 * H_DIM
     model = TinyNet("tanh", dtype=torch.float64)
@@ -482,7 +482,7 @@ def test_ill_conditioned_members_are_redrawn(caplog):
     with pytest.raises(ValueError, match="after 0 redraws"):
         SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=0,
                          samples_per_member=H_DIM)
-    with caplog.at_level("WARNING", logger="symensemble.transforms"):
+    with caplog.at_level("WARNING", logger="symensemble.ensembles.transforms"):
         ens = SymmetryEnsemble(model, cal, 20, eps=3.0, max_condition=limit, max_redraws=60,
                                samples_per_member=H_DIM)
     assert "redrawing" in caplog.text

@@ -1,4 +1,4 @@
-"""symensemble.evaluation, records, threats, sanity and attacks on tiny synthetic models (fast, CPU)."""
+"""symensemble.robustness: evaluation, records, threats, sanity and attacks on tiny synthetic models."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torchattacks
 from torch import nn
 
 import symensemble as se
-from symensemble import attacks as atk
 from symensemble.data import CIFAR10
-from symensemble.evaluation import evaluate, stratified_subset
-from symensemble.records import (
+from symensemble.robustness.attacks import grid as atk
+from symensemble.robustness.evaluation import evaluate, stratified_subset
+from symensemble.robustness.records import (
     ORIGINAL,
     WHITEBOX,
     WORST,
@@ -23,8 +23,8 @@ from symensemble.records import (
     parse_eps,
     wilson_interval,
 )
-from symensemble.sanity import LARGE_EPS, sanity_checks
-from symensemble.threats import DifferentiableView, get_threat
+from symensemble.robustness.sanity import LARGE_EPS, sanity_checks
+from symensemble.robustness.threats import DifferentiableView, get_threat
 from tests.conftest import synthetic_cifar
 
 NUM_CLASSES = 10
@@ -56,7 +56,7 @@ def world() -> tuple[nn.Module, CIFAR10]:
 
 
 def _transforms() -> list[str]:
-    from symensemble.ensemble import TRANSFORMS
+    from symensemble.ensembles.ensemble import TRANSFORMS
 
     return list(TRANSFORMS)
 
@@ -278,7 +278,7 @@ def test_calibration_comes_from_the_training_split(world):
     def factory(base, calibration, **kw):
         seen["calibration"] = calibration.clone()
         seen["kw"] = kw
-        from symensemble.ensemble import SymmetryEnsemble
+        from symensemble.ensembles.ensemble import SymmetryEnsemble
 
         return SymmetryEnsemble(base, calibration, **kw)
 
@@ -299,7 +299,7 @@ def test_calibration_comes_from_the_training_split(world):
 def test_calibration_draw_wraps_around_a_small_training_split(world):
     """G·s above the training split: the same permutation continues, each member's own
     s images stay distinct, and a larger s than the split is refused by name."""
-    from symensemble.targets import calibration_images
+    from symensemble.robustness.targets import calibration_images
 
     _, data = world
     n_train = len(data.train.labels)
@@ -511,7 +511,7 @@ def test_masked_ensemble_triggers_gradient_masking_warning(world):
     model, data = world
 
     def factory(base, calibration, **kw):
-        from symensemble.ensemble import SymmetryEnsemble
+        from symensemble.ensembles.ensemble import SymmetryEnsemble
 
         return Masked(SymmetryEnsemble(base, calibration, **kw), _ZeroGrad)
 
@@ -538,7 +538,7 @@ def test_healthy_model_passes_the_checks(world):
 
 def test_differentiable_view_restores_the_aggregate(world):
     model, data = world
-    from symensemble.ensemble import SymmetryEnsemble
+    from symensemble.ensembles.ensemble import SymmetryEnsemble
 
     ens = SymmetryEnsemble(model, data.train.float_images()[: 2 * HIDDEN], num_members=2,
                            eps=0.1, aggregate="vote", samples_per_member=HIDDEN)
@@ -555,15 +555,15 @@ def test_differentiable_view_restores_the_aggregate(world):
 
 
 def test_package_level_evaluate_is_the_function_after_importing_the_modules(world):
-    import symensemble.evaluation
-    import symensemble.records
-    import symensemble.sanity
-    import symensemble.threats
+    import symensemble.robustness.evaluation
+    import symensemble.robustness.records
+    import symensemble.robustness.sanity
+    import symensemble.robustness.threats
 
     model, data = world
-    assert se.evaluate is symensemble.evaluation.evaluate
-    assert se.EvaluationResult is symensemble.records.EvaluationResult
-    assert se.load_results is symensemble.records.load_results
+    assert se.evaluate is symensemble.robustness.evaluation.evaluate
+    assert se.EvaluationResult is symensemble.robustness.records.EvaluationResult
+    assert se.load_results is symensemble.robustness.records.load_results
     result = se.evaluate(model, data, **small(eps=[0.0], transforms=[ORIGINAL], n=10))
     assert result.records[0].n == 10
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import symensemble as se
 from symensemble.data import CIFAR10
 from symensemble.distributed import DistInfo
-from symensemble.lookahead import Lookahead, lookahead_alpha
 from symensemble.models.fast_net import patch_whitening
-from symensemble.recipe import Recipe, RecipeError, load_recipe
-from symensemble.train import _build_optimizer, _training_net, train
+from symensemble.training.lookahead import Lookahead, lookahead_alpha
+from symensemble.training.loop import _build_optimizer, _training_net, train
+from symensemble.training.recipe import Recipe, RecipeError, load_recipe
 
 from .conftest import make_split
 

@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 import symensemble as se
 from symensemble import data as data_mod
-from symensemble import train as train_mod
 from symensemble.checkpoint import CheckpointError, save_checkpoint
 from symensemble.cli import main
 from symensemble.data import CIFAR10_CLASSES, DataError, load_cifar10
-from symensemble.ensemble import SymmetryEnsemble
-from symensemble.recipe import Recipe
+from symensemble.ensembles.ensemble import SymmetryEnsemble
+from symensemble.training import loop as train_mod
+from symensemble.training.recipe import Recipe
 
 from .conftest import real_cifar_root, write_image_tree
 
@@ -71,7 +71,7 @@ def test_train_checks_out_is_writable_before_training(tmp_path, tree, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("data were loaded before --out was checked")
 
-    monkeypatch.setattr("symensemble.train.load_cifar10", no_training)
+    monkeypatch.setattr("symensemble.training.loop.load_cifar10", no_training)
     a_file = tmp_path / "plain.txt"
     a_file.write_text("x")
     bad_outs = [a_file / "x.safetensors", tmp_path]
@@ -341,7 +341,7 @@ def test_pixel_range_inputs_warn_and_unit_range_inputs_do_not(model_and_ensemble
 # --- 9: smaller issues -----------------------------------------------------------------------
 
 def test_errors_are_exported_at_the_top_level():
-    from symensemble.recipe import RecipeError
+    from symensemble.training.recipe import RecipeError
 
     assert se.CheckpointError is CheckpointError and se.DataError is DataError
     assert se.RecipeError is RecipeError and se.DivergenceError is train_mod.DivergenceError

@@ -8,12 +8,12 @@ from torch import nn
 
 import symensemble as se
 from symensemble.data import CIFAR10, Split
-from symensemble.evalconfig import EvalConfig
-from symensemble.evaluation import evaluate
-from symensemble.portfolio import SoftVote
-from symensemble.records import ORIGINAL
-from symensemble.runner import Runner
-from symensemble.sanity import portfolio_checks
+from symensemble.robustness.attacks.portfolio import SoftVote
+from symensemble.robustness.config import EvalConfig
+from symensemble.robustness.evaluation import evaluate
+from symensemble.robustness.records import ORIGINAL
+from symensemble.robustness.runner import Runner
+from symensemble.robustness.sanity import portfolio_checks
 from tests.conftest import synthetic_cifar
 from tests.test_evaluate import small, tiny_model
 
@@ -96,7 +96,7 @@ def test_portfolio_finds_the_exact_robust_accuracy_that_fgsm_misses(blown_world)
     assert truth - 1e-9 <= robust <= truth + 0.025, (robust, truth)
     # per image: nothing the exact analysis calls robust was broken
     flags = result.flags[(ORIGINAL, None, None, "robust", "portfolio", eps, None)]
-    order = se.evaluation.stratified_subset(data.test.labels, 80, 0)
+    order = se.stratified_subset(data.test.labels, 80, 0)
     assert not (flags & ~exact_robust(model, x[order], y[order], eps)).any()
     broke = {r.threat: r.broken for r in result.records if r.eps == eps and r.broken is not None}
     # the saturated cross-entropy finds next to nothing; the scale-free losses find the rest
@@ -231,7 +231,7 @@ def test_evaluate_rejects_unknown_keywords():
 
 
 def test_portfolio_checks_flag_masking_and_non_convergence():
-    from symensemble.records import Record
+    from symensemble.robustness.records import Record
 
     def row(threat, correct, broken=None):
         return Record("group", threat, "portfolio", 0.03, None, correct / 500, 0, 1, 500,
@@ -258,7 +258,7 @@ def test_build_ensemble_is_the_ensemble_evaluate_scores():
     model = tiny_model(data)
     result = evaluate(model, data, **small(n=30, eps=[0.0], transforms=[ORIGINAL, "group"]))
     ens = se.build_ensemble(model, data, transform="group", num_members=3, eps=0.1, seed=0)
-    idx = se.evaluation.stratified_subset(data.test.labels, 30, 0)
+    idx = se.stratified_subset(data.test.labels, 30, 0)
     x = data.test.images[idx].float() / 255
     with torch.no_grad():
         acc = (ens(x).argmax(1) == data.test.labels[idx]).double().mean().item()

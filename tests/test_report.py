@@ -1,4 +1,4 @@
-"""symensemble.report: markdown/CSV/JSON tables, figures, atomic output files, paper comparison."""
+"""symensemble.robustness.report: markdown/CSV/JSON tables, figures, atomic output files, paper comparison."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from symensemble.records import (
+from symensemble.robustness.records import (
     ORIGINAL,
     WHITEBOX,
     EvaluationResult,
@@ -16,7 +16,7 @@ from symensemble.records import (
     load_results,
     wilson_interval,
 )
-from symensemble.report import (
+from symensemble.robustness.report import (
     RECORD_FIELDS,
     compare_with_paper,
     format_eps,
@@ -226,7 +226,7 @@ def test_portfolio_tables_show_the_cascade():
                prow("apgd-ce", 20, 10), prow("robust", 20)]
     result = EvaluationResult({"protocol": "portfolio", "transforms": ["original", "group"],
                                "num_members": [200], "ensemble_eps": [10.0]}, records)
-    from symensemble.report import portfolio_table
+    from symensemble.robustness.report import portfolio_table
 
     table = portfolio_table(result)
     assert "| group (G=200, ε=10) | 0.03 | 0.600 | 0.300 (30) | 0.200 (10) | 0.200 [" in table

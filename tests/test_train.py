@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import symensemble as se
 from symensemble.cli import main
-from symensemble.recipe import Recipe, RecipeError, load_recipe
-from symensemble.train import _lr_factor, train, training_loss
+from symensemble.training.loop import _lr_factor, train, training_loss
+from symensemble.training.recipe import Recipe, RecipeError, load_recipe
 
 from .conftest import SHIPPED, real_cifar_root, write_image_tree
 

@@ -12,8 +12,8 @@ import torch
 import symensemble as se
 from symensemble.data import CIFAR10
 from symensemble.distributed import DistInfo, batch_slice
-from symensemble.recipe import Recipe
-from symensemble.train import _epoch_generators, _local_batch, train
+from symensemble.training.loop import _epoch_generators, _local_batch, train
+from symensemble.training.recipe import Recipe
 
 from .conftest import make_split
 from .test_distributed import _run
@@ -43,8 +43,8 @@ SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import symensemble as se
-    from symensemble.recipe import Recipe
-    from symensemble.train import train
+    from symensemble.training.recipe import Recipe
+    from symensemble.training.loop import train
     from tests.test_train_ddp import RECIPES, tiny_data
 
     out, rank = Path(sys.argv[1]), int(__import__("os").environ["RANK"])

@@ -18,7 +18,7 @@ import sys
 import torch
 
 import symensemble as se
-from symensemble.targets import load_dataset, split_tensors, stratified_subset
+from symensemble.robustness.targets import load_dataset, split_tensors, stratified_subset
 
 N = 2000
 

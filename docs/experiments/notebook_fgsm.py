@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import symensemble as se
-from symensemble.targets import load_dataset, split_tensors, stratified_subset
+from symensemble.robustness.targets import load_dataset, split_tensors, stratified_subset
 
 EPS = (0.0, 0.003, 0.006, 0.009, 0.012)
 

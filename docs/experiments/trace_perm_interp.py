@@ -17,8 +17,8 @@ import sys
 import torch
 
 import symensemble as se
-from symensemble.targets import load_dataset, split_tensors, stratified_subset
-from symensemble.transforms import PermInterpTransform
+from symensemble.ensembles.transforms import PermInterpTransform
+from symensemble.robustness.targets import load_dataset, split_tensors, stratified_subset
 
 EPS = (20.0, 10.0, 1.0, 0.1)
 MEMBERS = (10, 40, 120)

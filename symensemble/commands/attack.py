@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from ..attacks import DEFAULT_EOT_ITER, list_attacks
-from ..evalconfig import PROTOCOLS
-from ..records import DEFAULT_TRANSFORMS, THREATS, parse_eps, transform_choices
+from ..robustness.attacks.grid import DEFAULT_EOT_ITER, list_attacks
+from ..robustness.config import PROTOCOLS
+from ..robustness.records import DEFAULT_TRANSFORMS, THREATS, parse_eps, transform_choices
 from .options import CommaList
 
 __all__ = ["command", "CommaList", "run_and_report", "resolve_device"]
@@ -79,7 +79,7 @@ def _evaluate(config: Any, model: str, data: Path | None, *, quiet: bool, contex
     from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..distributed import distributed
-    from ..evaluation import evaluate
+    from ..robustness.evaluation import evaluate
 
     try:
         with distributed(config.device) as info:
@@ -94,7 +94,7 @@ def _evaluate(config: Any, model: str, data: Path | None, *, quiet: bool, contex
 
 
 def _write(result: Any, out: Path, *, figures: bool, extra: dict[str, str]) -> dict[str, Path]:
-    from ..report import write_results
+    from ..robustness.report import write_results
 
     try:
         return write_results(result, out, figures=figures, extra=extra)
@@ -111,7 +111,7 @@ def run_and_report(config: Any, model: str, data: Path | None, out: Path | None,
     """Evaluate, then (rank 0) print the tables and write ``out`` — shared by attack/reproduce.
 
     Args:
-        config: the :class:`~symensemble.evalconfig.EvalConfig` to run.
+        config: the :class:`~symensemble.robustness.config.EvalConfig` to run.
         model, data: checkpoint and data source.
         out: output folder; default ``runs/<name>-<timestamp>``.
         figures: write the figures.
@@ -122,7 +122,7 @@ def run_and_report(config: Any, model: str, data: Path | None, out: Path | None,
         context: prefix of usage errors (the recipe path).
     """
     from ..io import default_run_dir
-    from ..report import compare_with_paper, markdown_table, portfolio_table, warnings_text
+    from ..robustness.report import compare_with_paper, markdown_table, portfolio_table, warnings_text
 
     result = _evaluate(config, model, data, quiet=quiet, context=context)
     if result is None:
@@ -149,7 +149,7 @@ def run_and_report(config: Any, model: str, data: Path | None, out: Path | None,
 
 
 def _build_config(**options: Any) -> Any:
-    from ..evalconfig import EvalConfig
+    from ..robustness.config import EvalConfig
 
     try:
         return EvalConfig(**{k: v for k, v in options.items() if v is not None})

@@ -41,7 +41,7 @@ def command(recipe: str, data: Path | None, checkpoint: str | None, n: int | Non
       paper_fig11_fgsm  FGSM grid, transfer and adaptive
       paper_fig11_pgd   PGD iterations grid (eps 0.3, step 0.01), transfer and adaptive
     """
-    from ..recipe import RecipeError, load_evaluation_recipe
+    from ..training.recipe import RecipeError, load_evaluation_recipe
     from .attack import resolve_device, run_and_report
 
     try:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..adversarial import ADVERSARIAL_METHODS, parse_eps
 from ..checkpoint import CheckpointError, prepare_output, read_checkpoint
 from ..data import DataError, SplitSizeError
-from ..recipe import RecipeError, load_recipe
+from ..training.adversarial import ADVERSARIAL_METHODS
+from ..training.recipe import RecipeError, load_recipe
+from ..vocab import parse_eps
 
 
 def _first_q_total(log_path: Path) -> float | None:
@@ -43,7 +44,7 @@ class _Radius(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            return parse_eps(value, "value")
+            return parse_eps(value, "value", bounded=False)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
@@ -87,7 +88,7 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     torchrun it trains data-parallel; only rank 0 prints and writes.
     """
     from ..distributed import distributed, is_main_process
-    from ..train import (
+    from ..training.loop import (
         DivergenceError,
         best_path_for,
         default_out,

@@ -493,7 +493,7 @@ def evaluate_before_after(
     before_model: nn.Module, after_model: nn.Module, split: Any, tol: float
 ) -> dict[str, Any]:
     """Test loss and accuracy of both models and whether they agree to relative ``tol``."""
-    from ..train import evaluate_split
+    from ..training.loop import evaluate_split
 
     before = evaluate_split(before_model, split)
     after = evaluate_split(after_model, split)

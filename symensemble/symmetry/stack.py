@@ -4,7 +4,7 @@ Every part of the package that holds the parameters of a feedforward stack uses
 :class:`StackParams`: the linear symmetries (:mod:`.linear`, eq. 22) act on it, the nonlinear
 data-dependent action (:mod:`.nonlinear`, Theorem 4.1, Prop. D.5) returns one (batched over
 data points), the conserved quantities (:mod:`.conserved`) and Q diagnostics read it, and a
-:class:`~symensemble.ensemble.SymmetryEnsemble` reads its head's weights through it.
+:class:`~symensemble.ensembles.ensemble.SymmetryEnsemble` reads its head's weights through it.
 """
 
 from __future__ import annotations

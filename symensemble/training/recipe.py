@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models import list_models
+from ..symmetry.activations import list_activations
 from .adversarial import AdversarialConfig
-from .models import list_models
-from .symmetry.activations import list_activations
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -192,7 +192,7 @@ class EvaluationRecipe:
 
     Attributes:
         title: one line saying what is reproduced.
-        config: the ``[evaluate]`` table as a validated :class:`~symensemble.evalconfig.EvalConfig`.
+        config: the ``[evaluate]`` table as a validated :class:`~symensemble.robustness.config.EvalConfig`.
         model: the ``checkpoint`` key (path or shipped name).
         data: the ``data`` key, or ``None``.
         device: the ``device`` key (``auto`` when absent; resolved by the command).
@@ -236,7 +236,7 @@ def load_evaluation_recipe(path_or_name: str | os.PathLike) -> EvaluationRecipe:
     Raises:
         RecipeError: missing file, bad TOML, no ``[evaluate]`` table, unknown keys or bad values.
     """
-    from .evalconfig import EvalConfig
+    from ..robustness.config import EvalConfig
 
     path = resolve_recipe(path_or_name)
     try:

@@ -8,7 +8,7 @@ images (App. I, eqs. 84–85; §4). :class:`SymmetryEnsemble` wraps the model as
 
 * the backbone runs once per batch and gives the pre-activations H = V e + b_V (B × h);
 * member k computes W_k σ(g_k H) + b_U, with (g_k, W_k) drawn by a transform
-  (:mod:`symensemble.transforms`; ``group``: W_k = U π(g_k, H_k)); all members run as one
+  (:mod:`symensemble.ensembles.transforms`; ``group``: W_k = U π(g_k, H_k)); all members run as one
   batched matrix product, chunked over members so memory stays bounded;
 * the outputs are aggregated: ``mean`` (log of the mean member probability, differentiable),
   ``vote`` (the paper's majority vote) or ``logit_mean``.
@@ -41,10 +41,10 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .inputs import check_model_input, require_finite
-from .runtime import eval_mode, thread_cap
-from .symmetry.activations import Activation
-from .symmetry.stack import StackParams
+from ..inputs import check_model_input, require_finite
+from ..runtime import eval_mode, thread_cap
+from ..symmetry.activations import Activation
+from ..symmetry.stack import StackParams
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
 
 __all__ = ["SymmetryEnsemble", "HeadParts", "TRANSFORMS", "AGGREGATES", "DEFAULT_SAMPLES_PER_HIDDEN",
@@ -246,7 +246,7 @@ class SymmetryEnsemble(nn.Module):
         num_members: G.
         eps: size of the random move: g = exp(eps·T) (``perm_interp``: its own formula).
         transform: a name in :data:`TRANSFORMS` or a
-            :class:`~symensemble.transforms.MemberTransform` (which then carries its own eps).
+            :class:`~symensemble.ensembles.transforms.MemberTransform` (which then carries its own eps).
         samples_per_member: s, calibration images per member (default 2h, see
             :data:`DEFAULT_SAMPLES_PER_HIDDEN`). s ≤ h makes members exact on their images (the
             paper's choice is s = h); s > h gives a least-squares π, which extrapolates better.

@@ -1,7 +1,7 @@
 """What one robustness evaluation measures: a frozen, self-validating :class:`EvalConfig`.
 
 Built by the CLI (``symensemble attack``), by the ``[evaluate]`` table of an evaluation
-recipe (:func:`symensemble.recipe.load_evaluation_recipe`) and by Python callers
+recipe (:func:`symensemble.training.recipe.load_evaluation_recipe`) and by Python callers
 (``se.evaluate(model, data, n=500)`` forwards its keywords here). Every value is checked once,
 here, with a message that names the field and what was expected; :func:`symensemble.evaluate`
 trusts a config it is given.
@@ -11,7 +11,7 @@ Three protocols (``protocol``):
 * ``portfolio`` (default): per strength, an image counts as robust only if it survives every
   attack of a cascade — adaptive APGD-CE, APGD-DLR and APGD on a soft-vote surrogate on each
   target's own output, PGD and FGSM transferred from the base model, optionally Square
-  (:mod:`symensemble.portfolio`).
+  (:mod:`symensemble.robustness.attacks.portfolio`).
 * ``paper``: the grid of the paper's App. I — ``attack`` × ``eps`` × ``steps``, each under the
   ``transfer`` and/or ``adaptive`` threat model, plus their per-image ``worst`` case. This is
   what the Figure 10/11 recipes run.
@@ -221,7 +221,7 @@ class EvalConfig:
         return out
 
     def _grid(self, protocol: str) -> dict[str, Any]:
-        from .attacks import get_attack
+        from .attacks.grid import get_attack
         from .threats import get_threat
 
         if protocol == "portfolio":

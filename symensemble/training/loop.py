@@ -1,4 +1,4 @@
-"""One readable training loop driven by a :class:`~symensemble.recipe.Recipe`.
+"""One readable training loop driven by a :class:`~symensemble.training.recipe.Recipe`.
 
 Data live on the training device as uint8 tensors; each epoch draws its shuffling and
 augmentation from a generator seeded by (seed, epoch), so a run interrupted after epoch k and
@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adversarial import RobustMonitor, TrainingAttack
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint, split_train_state
-from .data import CIFAR10, Split, augment_batch, iterate_batches, load_cifar10
-from .distributed import (
+from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint, split_train_state
+from ..data import CIFAR10, Split, augment_batch, iterate_batches, load_cifar10
+from ..distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
@@ -49,11 +48,12 @@ from .distributed import (
     current,
     rank_device,
 )
-from .io import atomic_write_text
+from ..io import atomic_write_text
+from ..models import SymModel, create_model
+from ..runtime import eval_mode, git_revision, resolve_device
+from .adversarial import RobustMonitor, TrainingAttack
 from .lookahead import Lookahead
-from .models import SymModel, create_model
 from .recipe import Recipe, RecipeError
-from .runtime import eval_mode, git_revision, resolve_device
 
 __all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback",
            "DivergenceError"]

@@ -7,7 +7,7 @@ split), same member seed — so Python and CLI numbers agree::
     >>> import symensemble as se
     >>> ens = se.build_ensemble("paper_cnn", transform="group", num_members=200, eps=10.0)
 
-:func:`build_targets` builds every target of an :class:`~symensemble.evalconfig.EvalConfig`
+:func:`build_targets` builds every target of an :class:`~symensemble.robustness.config.EvalConfig`
 the same way, and :func:`stratified_subset` draws the evaluated test images.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .evalconfig import EvalConfig
+from .config import EvalConfig
 from .records import ORIGINAL, Target, transform_choices
 
 __all__ = ["build_ensemble", "build_targets", "load_targets", "Setup", "stratified_subset", "derive_seed",
@@ -86,7 +86,7 @@ def load_target_model(model: nn.Module | str | os.PathLike, device: torch.device
                 "model_name": getattr(model, "model_name", type(model).__name__),
                 "model_args": getattr(model, "model_args", {})}
         return model.to(device).eval(), info
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
 
     loaded, meta = load_model(model, device=device, with_info=True)
     info = {"checkpoint": meta["path"], "model_name": meta["model_name"],
@@ -102,7 +102,7 @@ def load_dataset(data: Any) -> Any:
         ValueError: ``data`` is neither a path nor an object with ``.train`` and ``.test``.
     """
     if data is None or isinstance(data, (str, os.PathLike)):
-        from .data import load_cifar10
+        from ..data import load_cifar10
 
         # no validation hold-out: evaluation draws test images and training-split calibration
         return load_cifar10(data, val_size=0)
@@ -133,14 +133,14 @@ def calibration_images(dataset: Any, count: int, seed: int, device: torch.device
 
 
 def _default_factory(model: nn.Module, calibration: torch.Tensor, **kw: Any) -> nn.Module:
-    from .ensemble import SymmetryEnsemble
+    from ..ensembles.ensemble import SymmetryEnsemble
 
     return SymmetryEnsemble(model, calibration, **kw)
 
 
 def _samples_per_member(base: nn.Module, config: EvalConfig, n_train: int) -> int:
     """``config.samples_per_member``, else the ensemble default (2h); at most the training split."""
-    from .ensemble import default_samples_per_member
+    from ..ensembles.ensemble import default_samples_per_member
 
     head = getattr(base, "head", None)
     hidden = int(getattr(head, "hidden_features", 0) or 0)

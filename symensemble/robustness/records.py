@@ -16,10 +16,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..vocab import (
+    DEFAULT_TRANSFORMS,
+    ORIGINAL,
+    PAPER_FGSM_EPS,
+    THREATS,
+    WHITEBOX,
+    WORST,
+    format_eps,
+    parse_eps,
+)
+
 if TYPE_CHECKING:
     from torch import nn
 
-    from .evalconfig import EvalConfig
+    from .config import EvalConfig
 
 __all__ = [
     "EvaluationResult",
@@ -39,23 +50,15 @@ __all__ = [
     "transform_choices",
 ]
 
-ORIGINAL = "original"
-WHITEBOX = "whitebox"
-#: Per-image worst case over the threat models evaluated (robust only if it survives all).
-WORST = "worst"
-THREATS = ("transfer", "adaptive")
-DEFAULT_TRANSFORMS = (ORIGINAL, "group", "ginv", "random", "shuffle", "perm_interp")
-#: FGSM radii of the paper's Figure 11 (pixel units in [0, 1]).
-PAPER_FGSM_EPS = (0.0, 0.003, 0.006, 0.009, 0.012)
 _Z95 = 1.959963984540054
 
 
 def transform_choices() -> list[str]:
     """The names an evaluation accepts as transforms: :data:`ORIGINAL` and the ensemble's.
 
-    Imports :mod:`symensemble.ensemble` (and so torch) only when called.
+    Imports :mod:`symensemble.ensembles.ensemble` (and so torch) only when called.
     """
-    from .ensemble import TRANSFORMS
+    from ..ensembles.ensemble import TRANSFORMS
 
     return [ORIGINAL, *TRANSFORMS]
 
@@ -63,42 +66,6 @@ def transform_choices() -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Small value objects
 # --------------------------------------------------------------------------------------------
-
-
-def parse_eps(value: str | float | int) -> float:
-    """One radius from a number or a fraction string such as ``"8/255"``; must lie in [0, 1].
-
-    Raises:
-        ValueError: not a number or fraction, or outside [0, 1].
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        eps = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                eps = float(num) / float(den)
-            else:
-                eps = float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"eps {value!r} is not a number or a fraction like '8/255'") from None
-    if not (math.isfinite(eps) and 0.0 <= eps <= 1.0):
-        raise ValueError(
-            f"eps {value!r} = {eps:g} is outside [0, 1]; eps is in pixel units of images in "
-            "[0, 1] (write 8/255 for 8 intensity levels)"
-        )
-    return eps
-
-
-def format_eps(eps: float) -> str:
-    """A radius as people write it: ``8/255`` for a whole number of levels, else ``0.003``."""
-    if eps == 0:
-        return "0"
-    levels = eps * 255
-    if abs(levels - round(levels)) < 1e-6 and round(levels) >= 1:
-        return f"{round(levels)}/255"
-    return f"{eps:.4g}"
 
 
 @dataclass(frozen=True)
@@ -217,7 +184,7 @@ class EvaluationResult:
         warnings: sanity-check findings (empty when all checks pass).
         probes: extra measurements the sanity checks ran (large-eps PGD, single-step
             references); not part of the requested grid.
-        config: the :class:`~symensemble.evalconfig.EvalConfig` that was run (rebuilt from
+        config: the :class:`~symensemble.robustness.config.EvalConfig` that was run (rebuilt from
             ``settings`` for results read back from disk).
         flags: per-image correctness, one bool tensor (n,) per record, keyed by
             :meth:`Record.key` (not written to disk). ANDs of these give any worst case.
@@ -232,7 +199,7 @@ class EvaluationResult:
 
     def __post_init__(self) -> None:
         if self.config is None and self.settings:
-            from .evalconfig import EvalConfig
+            from .config import EvalConfig
 
             try:
                 self.config = EvalConfig.from_mapping(self.settings, "results", lenient=True)
@@ -275,7 +242,7 @@ class EvaluationResult:
 
 
 def load_results(path: str | os.PathLike) -> EvaluationResult:
-    """Read a ``results.json`` written by :func:`symensemble.report.write_results`."""
+    """Read a ``results.json`` written by :func:`symensemble.robustness.report.write_results`."""
     import json
 
     payload = json.loads(Path(path).read_text())

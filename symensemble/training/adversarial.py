@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..vocab import parse_eps
+
 __all__ = [
     "ADVERSARIAL_METHODS",
     "AdversarialConfig",
@@ -44,28 +46,6 @@ log = logging.getLogger(__name__)
 ADVERSARIAL_METHODS = ("none", "fgsm_rs", "pgd")
 #: Offset that separates the attack's random stream from shuffling/augmentation of the same epoch.
 _ATTACK_STREAM = 7_919
-
-
-def parse_eps(value: Any, name: str = "eps") -> float:
-    """A radius given as a number or as a fraction string such as ``"8/255"``.
-
-    Raises:
-        ValueError: anything else (the message says what was expected).
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number or a fraction like '8/255', got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                return float(num) / float(den)
-            return float(text)
-        except (ValueError, ZeroDivisionError):
-            pass
-    raise ValueError(f"{name} must be a number or a fraction like '8/255', got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -141,7 +121,7 @@ class AdversarialConfig:
             if key == "alpha" and value is None:
                 typed[key] = None
             elif key in ("eps", "alpha", "eps_warmup_epochs", "collapse_drop"):
-                typed[key] = parse_eps(value, f"[adversarial] {key}")
+                typed[key] = parse_eps(value, f"[adversarial] {key}", bounded=False)
             elif not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
                 kind = type(default).__name__
                 raise ValueError(f"[adversarial] {key} must be of type {kind}, got {value!r}")

@@ -80,7 +80,7 @@ def sanity_checks(
         tol: absolute accuracy difference a finding must exceed.
         large_eps_max_accuracy: threshold of check 4.
         num_classes: C; chance accuracy is 1/C.
-        config: the run's :class:`~symensemble.evalconfig.EvalConfig` (for check 5), if any.
+        config: the run's :class:`~symensemble.robustness.config.EvalConfig` (for check 5), if any.
 
     Returns:
         Warning strings (empty when all checks pass).
@@ -237,7 +237,7 @@ def portfolio_checks(records: Sequence[Record], *, z: float = 3.0, tol: float = 
     (Transfer attacks run first, so their rows say nothing about masking here; the paper
     grid's ``[gradient-masking]`` check and the large-eps probe cover it.)
     """
-    from .portfolio import GRADIENT_FREE, TRANSFER
+    from .attacks.portfolio import GRADIENT_FREE, TRANSFER
 
     stages: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:

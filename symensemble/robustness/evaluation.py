@@ -8,7 +8,7 @@ The pipeline reads like RobustBench's ``benchmark()``::
     flags   = run(units, images)                    # per-image correctness, sharded by rank
     records = to_records(units, flags)              # sums; worst/robust rows are ANDs
 
-The default protocol is the attack **portfolio** (:mod:`symensemble.portfolio`): at each
+The default protocol is the attack **portfolio** (:mod:`symensemble.robustness.attacks.portfolio`): at each
 radius an image is robust only if it survives adaptive APGD-CE, APGD-DLR and APGD on a
 soft-vote surrogate on each target's own output, PGD and FGSM transferred from the base
 model, and optionally Square — a cascade in which each attack only tries the images every
@@ -18,7 +18,7 @@ robustness and remains available as ``protocol="paper"`` to reproduce its figure
 
 Accuracy is counted with the aggregate the user chose (``vote`` by default, the paper's
 mode of member predictions), with a 95% Wilson interval. Sanity checks run on every
-evaluation (:mod:`symensemble.sanity`) and come back as warnings.
+evaluation (:mod:`symensemble.robustness.sanity`) and come back as warnings.
 
     >>> import symensemble as se
     >>> result = se.evaluate("paper_cnn", n=500)
@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import DistInfo, all_reduce_sum, current, rank_device, shard
-from .evalconfig import EvalConfig
+from ..distributed import DistInfo, all_reduce_sum, current, rank_device, shard
+from ..runtime import eval_mode, git_revision, versions
+from .config import EvalConfig
 from .plan import ROBUST, Kind, Role, Unit, plan
 from .records import WHITEBOX, WORST, EvaluationResult, Record, wilson_interval
 from .runner import Runner
-from .runtime import eval_mode, git_revision, versions
 from .sanity import sanity_checks
 from .targets import load_targets, split_tensors, stratified_subset
 
@@ -72,7 +72,7 @@ def evaluate(
         model: a model (images in [0, 1] → logits) or a checkpoint path / shipped name.
         data: a CIFAR-10 source path, ``None`` ($SYMENSEMBLE_DATA or the cache), or a loaded
             dataset with ``.train`` and ``.test`` splits (``.images``, ``.labels``).
-        config: an :class:`~symensemble.evalconfig.EvalConfig`; ``options`` override its
+        config: an :class:`~symensemble.robustness.config.EvalConfig`; ``options`` override its
             fields (or build one: ``evaluate(model, n=500, eps=["8/255"])``).
         progress: show a tqdm bar over the plan (rank 0 only).
         ensemble_factory: ``fn(model, calibration, *, transform, num_members, eps,

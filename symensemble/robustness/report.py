@@ -1,4 +1,4 @@
-"""Tables (markdown, CSV, JSON) and figures for an :class:`~symensemble.records.EvaluationResult`.
+"""Tables (markdown, CSV, JSON) and figures for an :class:`~symensemble.robustness.records.EvaluationResult`.
 
 * :func:`markdown_table` — rows = transform × threat (× ensemble size and radius in sweeps),
   columns = attack strength; one table per attack. The base model has one row, ``white-box``.
@@ -23,12 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_bytes, atomic_write_text, to_jsonable
-from .plotting import figure_png, new_figure
+from ..io import atomic_write_bytes, atomic_write_text, to_jsonable
+from ..plotting import figure_png, new_figure
 from .records import ORIGINAL, WHITEBOX, WORST, EvaluationResult, Record, format_eps
 
 PORTFOLIO = "portfolio"
-ROBUST = "robust"
+from ..vocab import ROBUST  # noqa: E402
 
 __all__ = [
     "markdown_table",

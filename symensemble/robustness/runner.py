@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import get_attack
-from .evalconfig import EvalConfig
+from .attacks.grid import get_attack
+from .config import EvalConfig
 from .plan import CLEAN, Kind, Unit
 from .records import WHITEBOX, Strength, Target
 from .targets import derive_seed

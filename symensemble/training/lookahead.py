@@ -10,7 +10,7 @@ uses the same scheme with α shrinking over the run: early on the slow copy simp
 the fast weights (α = 1), and the averaging sets in towards the end, where it acts like an
 EMA of the weights. Here α(t) = 1 − (1 − α_end)·(t/T)³ at optimizer step t of T.
 
-:class:`symensemble.train` also syncs at the end of every epoch, so at every checkpoint
+:class:`symensemble.training.loop` also syncs at the end of every epoch, so at every checkpoint
 θ = φ and a resumed run needs no extra state to continue exactly.
 """
 

@@ -36,7 +36,7 @@ import torch
 import torchattacks
 from torch import Tensor, nn
 
-from .attacks import default_alpha
+from .grid import default_alpha
 
 __all__ = ["Component", "APGDAttack", "TransferPGD", "TransferFGSM", "SquareAttack",
            "SoftVote", "AggregateView", "portfolio_components", "GRADIENT_FREE", "TRANSFER"]

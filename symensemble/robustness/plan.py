@@ -11,7 +11,7 @@ Two kinds of unit:
   threat model on one target (``whitebox`` for the base, ``transfer`` / ``adaptive`` for
   ensembles), each run on every image.
 * ``PORTFOLIO``: each measure is one attack of the cascade on one target
-  (:mod:`symensemble.portfolio`); the runner stores, per component, the images still robust
+  (:mod:`symensemble.robustness.attacks.portfolio`); the runner stores, per component, the images still robust
   after it and every earlier one.
 
 :class:`Role` says whether a unit's rows are results (``RECORD``) or extra measurements the
@@ -23,16 +23,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .attacks import get_attack
-from .evalconfig import EvalConfig
-from .portfolio import Component, portfolio_components
+from .attacks.grid import get_attack
+from .attacks.portfolio import Component, portfolio_components
+from .config import EvalConfig
 from .records import WHITEBOX, Strength, Target
 from .sanity import LARGE_EPS, LARGE_EPS_STEPS
 
 __all__ = ["Role", "Kind", "Measure", "Unit", "plan", "grid_strengths", "ROBUST", "CLEAN"]
 
 #: Row label of the portfolio's headline: survives every attack of the cascade.
-ROBUST = "robust"
+from ..vocab import ROBUST  # noqa: E402
+
 #: Row label of the clean-correct images a portfolio cascade starts from.
 CLEAN = "clean"
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .symmetry.nonlinear import ActivationFn, pi_matrix
+from ..symmetry.nonlinear import ActivationFn, pi_matrix
 
 __all__ = [
     "MemberDraw",

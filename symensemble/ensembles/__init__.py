@@ -1,0 +1,1 @@
+"""Symmetry ensembles: members as batched heads, member transforms, calibration, aggregates."""

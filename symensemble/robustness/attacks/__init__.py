@@ -1,0 +1,1 @@
+"""Attacks: the paper grid's presets and the portfolio's cascade components."""

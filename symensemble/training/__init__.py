@@ -1,0 +1,1 @@
+"""Training: the loop, recipes, adversarial crafting and lookahead."""
