@@ -16,9 +16,8 @@ from symensemble.symmetry.nonlinear import (
     lipschitz_bound,
     nonlinear_action,
     nonlinear_action_multilayer,
-    pi_matrix,
-    right_pinv_solve,
 )
+from symensemble.symmetry.pi_solver import pi_matrix, right_pinv_solve
 from symensemble.symmetry.stack import StackParams
 
 F64 = torch.float64

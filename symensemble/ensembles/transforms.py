@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..symmetry.nonlinear import ActivationFn, pi_matrix
+from ..symmetry.pi_solver import ActivationFn, pi_matrix
 
 __all__ = [
     "MemberDraw",
@@ -152,7 +152,7 @@ class GroupTransform(MemberTransform):
     member's own calibration pre-activations H_k (h × s). For s ≤ h and σ(g H_k) of full
     column rank the member reproduces the base model's logits on those s images exactly (up
     to ≈ cond(σ(gH_k))·1e-16·|logits| in float64). U π is solved directly
-    (:func:`~symensemble.symmetry.nonlinear.right_pinv_solve`).
+    (:func:`~symensemble.symmetry.pi_solver.right_pinv_solve`).
 
     Attributes:
         eps: g = exp(eps·T).
@@ -218,7 +218,7 @@ class GroupTransform(MemberTransform):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Draw g, redraw rank-deficient members; return (g, π, U π, cond).
 
-        π and U π come from :func:`~symensemble.symmetry.nonlinear.pi_matrix`; this method only
+        π and U π come from :func:`~symensemble.symmetry.pi_solver.pi_matrix`; this method only
         redraws the g_k whose σ(g_k H_k) exceeds the condition limit (without ridge).
         """
         h = U.shape[-1]

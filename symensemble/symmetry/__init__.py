@@ -47,8 +47,8 @@ from .nonlinear import (  # noqa: E402
     lipschitz_bound,
     nonlinear_action,
     nonlinear_action_multilayer,
-    pi_matrix,
 )
+from .pi_solver import ActivationFn, PiSolution, pi_matrix  # noqa: E402
 
 __all__ += [
     "R_matrix",
@@ -58,4 +58,6 @@ __all__ += [
     "nonlinear_action_multilayer",
     "lipschitz_bound",
     "pi_matrix",
+    "PiSolution",
+    "ActivationFn",
 ]

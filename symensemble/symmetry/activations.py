@@ -36,6 +36,8 @@ __all__ = [
     "create_activation",
     "list_activations",
     "register_activation",
+    "activation_nonvanishing",
+    "activation_lipschitz",
 ]
 
 _REGISTRY: dict[str, type[Activation]] = {}
@@ -288,3 +290,62 @@ def create_activation(name: str | Activation, **kwargs: Any) -> Activation:
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments {kwargs} for activation {name!r}: {err}") from None
+
+
+# Facts about arbitrary activations (registry ones and torch.nn ones) used by the nonlinear action
+
+
+def activation_nonvanishing(sigma: Callable[..., Any]) -> bool | None:
+    """Whether σ(z) ≠ 0 for every nonzero z (Theorem D.4 (1)); ``None`` if unknown.
+
+    Known for the registry activations (:class:`~symensemble.symmetry.activations.Activation`)
+    and the common ``torch.nn`` activations.
+    """
+    if isinstance(sigma, Activation):
+        return bool(sigma.nonvanishing)
+    if isinstance(sigma, nn.LeakyReLU):
+        return sigma.negative_slope > 0
+    if isinstance(
+        sigma, (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Threshold, nn.Hardshrink, nn.Softshrink)
+    ):
+        return False  # zero on a half-line or an interval around 0
+    if isinstance(
+        sigma,
+        (
+            nn.Identity,
+            nn.Tanh,
+            nn.Sigmoid,
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Softplus,
+            nn.Softsign,
+            nn.Tanhshrink,
+            nn.Hardtanh,
+            nn.Mish,
+        ),
+    ):
+        return True
+    return None
+
+
+def activation_lipschitz(sigma: Callable[..., Any]) -> float | None:
+    """A global Lipschitz constant η of σ, or ``None`` if unknown / not globally Lipschitz."""
+    if isinstance(sigma, Activation):
+        name = sigma.name
+        if name in ("identity", "relu", "tanh", "radial"):
+            return 1.0
+        if name == "leaky_relu":
+            return max(1.0, float(sigma.negative_slope))
+        if name == "sigmoid":
+            return 0.25
+        return None  # relu_sqr is not globally Lipschitz
+    if isinstance(sigma, (nn.Identity, nn.ReLU, nn.Tanh, nn.ReLU6, nn.Hardtanh, nn.Softplus)):
+        return 1.0
+    if isinstance(sigma, nn.LeakyReLU):
+        return max(1.0, abs(float(sigma.negative_slope)))
+    if isinstance(sigma, nn.Sigmoid):
+        return 0.25
+    return None
