@@ -61,6 +61,20 @@ def _check_nonzero(z: Tensor, r: Tensor, what: str) -> None:
         raise ValueError(f"{what} got a vector with non-finite entries (shape {tuple(z.shape)})")
 
 
+def _scale_of(z: Tensor) -> Tensor:
+    """max|z_i| over the last dimension (keepdim), refusing non-float, scalar or zero z.
+
+    R_matrix rescales by it so squares neither overflow nor underflow (R_z is 1-homogeneous).
+    """
+    if not torch.is_floating_point(z):
+        raise ValueError(f"R_matrix expects a floating-point tensor, got dtype {z.dtype}")
+    if z.ndim == 0:
+        raise ValueError("R_matrix expects vectors of shape (..., h), got a scalar")
+    scale = z.abs().amax(dim=-1, keepdim=True)
+    _check_nonzero(z, scale.squeeze(-1), "R_matrix")
+    return scale
+
+
 def R_matrix(z: Tensor) -> Tensor:
     """The h×h matrix R_z of §4 / Proposition D.3, batched over leading dimensions.
 
@@ -88,14 +102,8 @@ def R_matrix(z: Tensor) -> Tensor:
     Shape:
         z (..., h) → (..., h, h).
     """
-    if not torch.is_floating_point(z):
-        raise ValueError(f"R_matrix expects a floating-point tensor, got dtype {z.dtype}")
-    if z.ndim == 0:
-        raise ValueError("R_matrix expects vectors of shape (..., h), got a scalar")
-    h = z.shape[-1]
-    # Rescale by max|z| so squares neither overflow nor underflow; R_z is 1-homogeneous in z.
-    scale = z.abs().amax(dim=-1, keepdim=True)
-    _check_nonzero(z, scale.squeeze(-1), "R_matrix")
+    h = z.shape[-1] if z.ndim else 0
+    scale = _scale_of(z)
     u = z / scale
     if h == 1:
         return z.unsqueeze(-1)
@@ -241,6 +249,16 @@ def nonlinear_action(
         U (m, h), V (h, n), x (..., n), g (..., h, h) → U' (..., m, h), V' (..., h, n),
         b_V' (..., h).
     """
+    _check_head(U, V, x, g, b_V)
+    if require_nonvanishing:
+        _require_nonvanishing(sigma, "nonlinear_action")
+    z = _matvec(V, x) if b_V is None else _matvec(V, x) + b_V
+    c_inv = _inverse_equivariance(g, z, sigma)
+    return StackParams.two_layer(U @ c_inv, g @ V, None if b_V is None else _matvec(g, b_V), b_U)
+
+
+def _check_head(U: Tensor, V: Tensor, x: Tensor, g: Tensor, b_V: Tensor | None) -> None:
+    """Refuse mismatched shapes of (U, V, x, g, b_V) in :func:`nonlinear_action`."""
     if U.ndim < 2 or V.ndim < 2 or U.shape[-1] != V.shape[-2]:
         raise ValueError(
             f"expected U (m, h) and V (h, n) with matching h, got U {tuple(U.shape)} and "
@@ -252,15 +270,8 @@ def nonlinear_action(
         )
     h = V.shape[-2]
     check_square(g, h)
-    if require_nonvanishing:
-        _require_nonvanishing(sigma, "nonlinear_action")
-    z = _matvec(V, x)
-    if b_V is not None:
-        if b_V.shape[-1] != h:
-            raise ValueError(f"b_V must have {h} entries, got shape {tuple(b_V.shape)}")
-        z = z + b_V
-    c_inv = _inverse_equivariance(g, z, sigma)
-    return StackParams.two_layer(U @ c_inv, g @ V, None if b_V is None else _matvec(g, b_V), b_U)
+    if b_V is not None and b_V.shape[-1] != h:
+        raise ValueError(f"b_V must have {h} entries, got shape {tuple(b_V.shape)}")
 
 
 def _inverse_equivariance(g: Tensor, z: Tensor, sigma: ActivationFn) -> Tensor:
