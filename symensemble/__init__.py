@@ -34,7 +34,7 @@ _EXPORTS = {
     "train": "symensemble.training.loop",
     "DivergenceError": "symensemble.training.loop",
     "SymmetryEnsemble": "symensemble.ensembles.ensemble",
-    "HeadParts": "symensemble.ensembles.ensemble",
+    "HeadParts": "symensemble.symmetry.heads",
     "TRANSFORMS": "symensemble.ensembles.ensemble",
     "evaluate": "symensemble.robustness.evaluation",
     "EvalConfig": "symensemble.robustness.config",

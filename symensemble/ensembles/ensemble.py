@@ -34,7 +34,6 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 from ..inputs import check_model_input, require_finite
 from ..runtime import eval_mode, thread_cap
 from ..symmetry.activations import Activation
-from ..symmetry.stack import StackParams
+from ..symmetry.heads import HeadParts, find_head
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
 
 __all__ = ["SymmetryEnsemble", "HeadParts", "TRANSFORMS", "AGGREGATES", "DEFAULT_SAMPLES_PER_HIDDEN",
@@ -64,40 +63,6 @@ _DEFAULT_CHUNK_BYTES = 64 * 2**20
 DEFAULT_SAMPLES_PER_HIDDEN = 2
 #: the calibration noise has its own stream, so turning it on leaves the member draws unchanged
 _NOISE_SEED_OFFSET = 0x6E6F697365
-
-
-@dataclass
-class HeadParts:
-    """Where a model's head lives: H = V(embed(x)), logits = U(act(H)).
-
-    The live modules are kept (they move, train and save with the model, and the forward
-    stays the model's own); their weights are read as the package's one layer-stack
-    representation, :meth:`params` (a two-layer :class:`~symensemble.symmetry.stack.StackParams`).
-
-    Attributes:
-        embed: images (B, ...) → features (B, d) entering V.
-        V: ``nn.Linear`` d → h (the lower layer the group acts on from the left).
-        act: the hidden activation σ, acting on the last dimension.
-        U: ``nn.Linear`` h → C (the upper layer).
-    """
-
-    embed: Callable[[Tensor], Tensor]
-    V: nn.Linear
-    act: Callable[[Tensor], Tensor]
-    U: nn.Linear
-
-    @property
-    def hidden_features(self) -> int:
-        return self.V.out_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.U.out_features
-
-    def params(self, dtype: torch.dtype | None = torch.float64, device: torch.device | str | None = None
-               ) -> StackParams:
-        """Detached copies of (V, b_V, U, b_U) as a two-layer stack (float64 by default)."""
-        return StackParams.from_linears((self.V, self.U), dtype=dtype, device=device)
 
 
 _ELEMENTWISE = (
@@ -139,17 +104,20 @@ def _is_submodule(model: nn.Module, module: nn.Module) -> bool:
     return any(m is module for m in model.modules())
 
 
-def _head_of(model: nn.Module) -> HeadParts:
-    """HeadParts of a :class:`~symensemble.models.SymModel`: ``embed`` and ``head.V/act/U``."""
-    head = getattr(model, "head", None)
-    embed = getattr(model, "embed", None)
-    if callable(embed) and all(hasattr(head, name) for name in ("V", "act", "U")):
-        return HeadParts(embed, head.V, head.act, head.U)
+def _model_head(model: nn.Module) -> HeadParts:
+    """The model's head by :func:`~symensemble.symmetry.heads.find_head`, with embed(x) required."""
+    try:
+        parts = find_head(model)
+    except ValueError as err:
+        parts, reason = None, str(err)
+    if parts is not None and parts.embed is not None:
+        return parts
     raise ValueError(
         f"{type(model).__name__} has no symmetry head: expected a symensemble model with "
-        "`embed(x)` and `head.V`, `head.act`, `head.U` (a SymHead); for your own network use "
-        "SymmetryEnsemble.from_modules(model, calibration_images, embed=..., V='fc1', act='act', "
-        "U='fc2')"
+        "`embed(x)` and `head.V`, `head.act`, `head.U` (a SymHead)"
+        + ("" if parts is not None else f" ({reason})")
+        + "; for your own network use SymmetryEnsemble.from_modules(model, calibration_images, "
+        "embed=..., V='fc1', act='act', U='fc2')"
     )
 
 
@@ -324,7 +292,7 @@ class SymmetryEnsemble(nn.Module):
             transform, eps, ridge=ridge, max_condition=max_condition, max_redraws=max_redraws
         )
         self.base_model = model
-        self._parts = _head_of(model) if head is None else head
+        self._parts = _model_head(model) if head is None else head
         if not _head_checked:  # from_modules checks its parts before the composition check
             _check_parts(model, self._parts, self.member_transform.name)
         self._pointwise = _is_pointwise(self._parts.act)
@@ -559,7 +527,7 @@ class SymmetryEnsemble(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def _hidden(self, x: Tensor) -> Tensor:
-        return self._parts.V(self._parts.embed(x))
+        return self._parts.hidden(x)
 
     def _chunks(self, batch: int) -> Iterator[slice]:
         G = self._num_members
@@ -761,7 +729,7 @@ def _check_composition(
     try:
         with eval_mode(model):
             expected = model(x)
-            got = parts.U(parts.act(parts.V(parts.embed(x))))
+            got = parts(x)
     except Exception as err:  # noqa: BLE001 - report any failure as a wrong decomposition
         raise ValueError(
             f"could not evaluate U(act(V(embed(x)))) on the calibration images: {err}"
