@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .symmetry.linear import HiddenGroup, LinearSymmetry, stack_forward, transform_module
+from .symmetry.groups import HiddenGroup
+from .symmetry.linear import LinearSymmetry, stack_forward, transform_module
 from .symmetry.stack import StackParams
 
 __all__ = [

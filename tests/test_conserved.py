@@ -24,7 +24,9 @@ from symensemble.symmetry.conserved import (
     total_q,
     unit_q,
 )
-from symensemble.symmetry.linear import HiddenGroup, LinearSymmetry, StackParams, stack_forward
+from symensemble.symmetry.groups import HiddenGroup
+from symensemble.symmetry.linear import LinearSymmetry, stack_forward
+from symensemble.symmetry.stack import StackParams
 from symensemble.testing import assert_conserved, conservation_error
 
 F64 = torch.float64

@@ -46,7 +46,9 @@ from symensemble.io import to_jsonable
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation
 from symensemble.symmetry.conserved import elementwise_q, homogeneous_q
-from symensemble.symmetry.linear import StackParams, stack_forward, stack_params
+from symensemble.symmetry.linear import stack_forward
+from symensemble.symmetry.module_bridge import stack_params
+from symensemble.symmetry.stack import StackParams
 
 F64 = torch.float64
 

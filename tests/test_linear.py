@@ -10,17 +10,11 @@ from torch import nn
 
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation
-from symensemble.symmetry.linear import (
-    HiddenGroup,
-    LinearSymmetry,
-    StackParams,
-    module_layers,
-    orbit_dimension_formula,
-    paper_orbit_dimension,
-    stack_forward,
-    stack_params,
-    transform_module,
-)
+from symensemble.symmetry.groups import HiddenGroup
+from symensemble.symmetry.linear import LinearSymmetry, stack_forward, transform_module
+from symensemble.symmetry.module_bridge import module_layers, stack_params
+from symensemble.symmetry.orbits import orbit_dimension_formula, paper_orbit_dimension
+from symensemble.symmetry.stack import StackParams
 from symensemble.testing import (
     assert_group_axioms,
     assert_invariant,

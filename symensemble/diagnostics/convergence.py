@@ -30,7 +30,7 @@ from ..plotting import new_figure, save_figure
 from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q_terms, orbit_scale_for_target
-from ..symmetry.linear import group_kind_for_activation
+from ..symmetry.groups import group_kind_for_activation
 from .common import TwoLayerProblem, log_spaced_steps
 
 __all__ = [

@@ -32,7 +32,9 @@ from ..plotting import new_figure, save_figure
 from ..runtime import single_thread
 from ..symmetry.activations import create_activation
 from ..symmetry.conserved import elementwise_q
-from ..symmetry.linear import LinearSymmetry, group_kind_for_activation, orbit_dimension_formula
+from ..symmetry.groups import group_kind_for_activation
+from ..symmetry.linear import LinearSymmetry
+from ..symmetry.orbits import orbit_dimension_formula
 from ..symmetry.stack import StackParams
 from .common import TwoLayerProblem
 

@@ -15,14 +15,10 @@ from torch import nn
 
 from ..plotting import new_figure, save_figure
 from ..symmetry.conserved import imbalance, unit_q, unit_q_terms
-from ..symmetry.linear import (
-    LinearSymmetry,
-    group_kind_for_activation,
-    module_layers,
-    orbit_dimension_formula,
-    paper_orbit_dimension,
-    stack_params,
-)
+from ..symmetry.groups import group_kind_for_activation
+from ..symmetry.linear import LinearSymmetry
+from ..symmetry.module_bridge import module_layers
+from ..symmetry.orbits import orbit_dimension_formula, paper_orbit_dimension
 from ..symmetry.stack import StackParams
 
 __all__ = ["head_stack", "head_q_summary", "inspect_model", "plot_inspection"]
@@ -31,13 +27,16 @@ __all__ = ["head_stack", "head_q_summary", "inspect_model", "plot_inspection"]
 def head_stack(model: nn.Module) -> tuple[StackParams, Any]:
     """θ = (V, b_V, U, b_U) of the model's head in float64, and its activation σ.
 
+    The head is found by the one head finder (:func:`~symensemble.symmetry.heads.find_head`,
+    through :func:`~symensemble.symmetry.module_bridge.module_layers`).
+
     Raises:
         ValueError: the model has no SymHead (or is not a SymHead/MLP with one hidden layer).
     """
     linears, acts = module_layers(model)
     if len(acts) != 1:
         raise ValueError(f"expected one hidden layer (a SymHead), found {len(acts)}")
-    return stack_params(model), acts[0]
+    return StackParams.from_linears(linears, dtype=torch.float64), acts[0]
 
 
 def head_q_summary(model: nn.Module) -> dict[str, Any]:

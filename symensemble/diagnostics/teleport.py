@@ -42,14 +42,9 @@ from ..plotting import new_figure, save_figure
 from ..runtime import eval_mode
 from ..symmetry.activations import Activation
 from ..symmetry.conserved import homogeneous_q, orbit_scale_for_target, unit_q_terms
-from ..symmetry.linear import (
-    HiddenGroup,
-    LinearSymmetry,
-    group_kind_for_activation,
-    load_stack_params,
-    module_layers,
-    stack_forward,
-)
+from ..symmetry.groups import HiddenGroup, group_kind_for_activation
+from ..symmetry.linear import LinearSymmetry, stack_forward
+from ..symmetry.module_bridge import load_stack_params, module_layers
 from ..symmetry.stack import StackParams
 from .common import run_header, sigma_derivatives, write_result
 from .hessian import hvp_fn, lanczos

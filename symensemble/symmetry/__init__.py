@@ -14,13 +14,10 @@ from .conserved import (  # noqa: E402
     orbit_scale_for_target,
     q_m,
 )
-from .linear import (  # noqa: E402
-    HiddenGroup,
-    LinearSymmetry,
-    orbit_dimension_formula,
-    stack_params,
-    transform_module,
-)
+from .groups import HiddenGroup  # noqa: E402
+from .linear import LinearSymmetry, transform_module  # noqa: E402
+from .module_bridge import stack_params  # noqa: E402
+from .orbits import orbit_dimension_formula  # noqa: E402
 from .stack import StackParams  # noqa: E402
 
 __all__ += [

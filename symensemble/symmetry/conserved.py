@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .activations import Activation, create_activation
-from .linear import LinearSymmetry, group_kind_for_activation
+from .groups import group_kind_for_activation
+from .linear import LinearSymmetry
 from .stack import StackParams
 
 __all__ = [
