@@ -38,6 +38,7 @@ _EXPORTS = {
     "TRANSFORMS": "symensemble.ensembles.ensemble",
     "evaluate": "symensemble.robustness.evaluation",
     "EvalConfig": "symensemble.robustness.config",
+    "list_attacks": "symensemble.robustness.attacks",
     "build_ensemble": "symensemble.robustness.targets",
     "stratified_subset": "symensemble.robustness.targets",
     "EvaluationResult": "symensemble.robustness.records",

@@ -132,3 +132,32 @@ def write_tree(root: Path, data: CIFAR10, fmt: str = "png") -> Path:
                 encoded = encode_png(img) if fmt == "png" else encode_jpeg(img, quality=90)
                 (folder / f"{i}.{fmt}").write_bytes(encoded.numpy().tobytes())
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness tests (test_evaluate, test_portfolio, test_attacks, test_plan_runner_config): a tiny
+# trained paper CNN on the synthetic world, and the settings of a fast evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_model(data: CIFAR10, act: str = "leaky_relu", steps: int = 40, hidden: int = 4):
+    """A 2-channel paper CNN with ``hidden`` head units, trained full-batch for ``steps`` Adam steps."""
+    import symensemble as se
+
+    torch.manual_seed(0)
+    model = se.create_model("paper_cnn", hidden=hidden, channels=2, act=act)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = data.train.float_images(), data.train.labels
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def small(**kw):
+    """Settings of a fast evaluation (``evaluate(model, data, **small(...))``); override any."""
+    base = dict(n=30, batch_size=16, num_members=3, ensemble_eps=0.1, seed=0, sanity=False)
+    base.update(kw)
+    return base

@@ -11,7 +11,7 @@ from torch import nn
 
 import symensemble as se
 from symensemble.data import CIFAR10
-from symensemble.robustness.attacks import grid as atk
+from symensemble.robustness import attacks as atk
 from symensemble.robustness.evaluation import evaluate, stratified_subset
 from symensemble.robustness.records import (
     ORIGINAL,
@@ -25,7 +25,7 @@ from symensemble.robustness.records import (
 )
 from symensemble.robustness.sanity import LARGE_EPS, sanity_checks
 from symensemble.robustness.threats import DifferentiableView, get_threat
-from tests.conftest import synthetic_cifar
+from tests.conftest import small, synthetic_cifar, tiny_model
 
 NUM_CLASSES = 10
 HIDDEN = 4
@@ -34,19 +34,6 @@ HIDDEN = 4
 # ------------------------------------------------------------------------------------------
 # tiny synthetic world: class templates + noise, a 2-channel paper CNN trained in a second
 # ------------------------------------------------------------------------------------------
-
-
-def tiny_model(data: CIFAR10, act: str = "leaky_relu", steps: int = 40) -> nn.Module:
-    torch.manual_seed(0)
-    model = se.create_model("paper_cnn", hidden=HIDDEN, channels=2, act=act)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = data.train.float_images(), data.train.labels
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +46,6 @@ def _transforms() -> list[str]:
     from symensemble.ensembles.ensemble import TRANSFORMS
 
     return list(TRANSFORMS)
-
-
-def small(**kw):
-    """Settings of a fast evaluation; override any."""
-    base = dict(n=30, batch_size=16, num_members=3, ensemble_eps=0.1, seed=0, sanity=False)
-    base.update(kw)
-    return base
 
 
 # ------------------------------------------------------------------------------------------
@@ -134,13 +114,13 @@ def test_presets_build_the_torchattacks_attacks(world):
     expect = {"fgsm": torchattacks.FGSM, "pgd": torchattacks.PGD, "apgd": torchattacks.APGD,
               "eotpgd": torchattacks.EOTPGD, "autoattack": torchattacks.AutoAttack,
               "autoattack-rand": torchattacks.AutoAttack}
-    assert atk.list_attacks() == list(expect)
+    assert sorted(atk.list_attacks("grid")) == sorted(expect)
     for name, cls in expect.items():
-        built = atk.get_attack(name).build(model, eps=8 / 255, steps=3, seed=1)
+        built = atk.get_attack(name, steps=3).build(model, eps=8 / 255, seed=1)
         assert isinstance(built, cls), name
-    pgd = atk.get_attack("PGD").build(model, eps=0.1, steps=4)
+    pgd = atk.get_attack("PGD", steps=4).build(model, eps=0.1)
     assert pgd.alpha == pytest.approx(2.5 * 0.1 / 4) and pgd.steps == 4 and pgd.random_start
-    assert atk.get_attack("pgd").build(model, eps=0.1, steps=4, alpha=0.01).alpha == 0.01
+    assert atk.get_attack("pgd", steps=4, alpha=0.01).build(model, eps=0.1).alpha == 0.01
     assert atk.default_alpha(8 / 255, 10) == pytest.approx(2 / 255)
     assert atk.get_attack("autoattack-rand").build(model, eps=0.1).version == "rand"
     with pytest.raises(ValueError, match="unknown attack 'cw'"):
@@ -149,12 +129,12 @@ def test_presets_build_the_torchattacks_attacks(world):
 
 def test_presets_switch_to_eot_on_stochastic_models(world):
     model, _ = world
-    fgsm = atk.get_attack("fgsm").build(model, eps=0.1, stochastic=True, eot_iter=5)
+    fgsm = atk.get_attack("fgsm", eot_iter=5).build(model, eps=0.1, stochastic=True)
     assert isinstance(fgsm, torchattacks.EOTPGD)
     assert (fgsm.steps, fgsm.alpha, fgsm.eot_iter, fgsm.random_start) == (1, 0.1, 5, False)
-    pgd = atk.get_attack("pgd").build(model, eps=0.1, steps=3, stochastic=True, eot_iter=4)
+    pgd = atk.get_attack("pgd", steps=3, eot_iter=4).build(model, eps=0.1, stochastic=True)
     assert isinstance(pgd, torchattacks.EOTPGD) and pgd.eot_iter == 4
-    assert atk.get_attack("apgd").build(model, eps=0.1, stochastic=True, eot_iter=6).eot_iter == 6
+    assert atk.get_attack("apgd", eot_iter=6).build(model, eps=0.1, stochastic=True).eot_iter == 6
     assert atk.get_attack("apgd").build(model, eps=0.1).eot_iter == 1
     assert atk.get_attack("autoattack").build(model, eps=0.1, stochastic=True).version == "rand"
     assert atk.get_attack("autoattack").build(model, eps=0.1).version == "standard"
@@ -557,13 +537,14 @@ def test_differentiable_view_restores_the_aggregate(world):
 def test_package_level_evaluate_is_the_function_after_importing_the_modules(world):
     import symensemble.robustness.evaluation
     import symensemble.robustness.records
+    import symensemble.robustness.report
     import symensemble.robustness.sanity
     import symensemble.robustness.threats
 
     model, data = world
     assert se.evaluate is symensemble.robustness.evaluation.evaluate
     assert se.EvaluationResult is symensemble.robustness.records.EvaluationResult
-    assert se.load_results is symensemble.robustness.records.load_results
+    assert se.load_results is symensemble.robustness.report.load_results
     result = se.evaluate(model, data, **small(eps=[0.0], transforms=[ORIGINAL], n=10))
     assert result.records[0].n == 10
 

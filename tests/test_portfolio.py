@@ -8,14 +8,13 @@ from torch import nn
 
 import symensemble as se
 from symensemble.data import CIFAR10, Split
-from symensemble.robustness.attacks.portfolio import SoftVote
+from symensemble.robustness.attacks import SoftVote
 from symensemble.robustness.config import EvalConfig
 from symensemble.robustness.evaluation import evaluate
 from symensemble.robustness.records import ORIGINAL
 from symensemble.robustness.runner import Runner
 from symensemble.robustness.sanity import portfolio_checks
-from tests.conftest import synthetic_cifar
-from tests.test_evaluate import small, tiny_model
+from tests.conftest import small, synthetic_cifar, tiny_model
 
 NUM_CLASSES = 4
 PIXELS = 24  # the toy linear model reads only these pixels, so exact margins stay moderate

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..robustness.attacks.grid import DEFAULT_EOT_ITER, list_attacks
+from ..robustness.attacks import DEFAULT_EOT_ITER, list_attacks
 from ..robustness.config import PROTOCOLS
 from ..robustness.records import DEFAULT_TRANSFORMS, THREATS, parse_eps, transform_choices
 from .options import CommaList
@@ -173,8 +173,8 @@ def _build_config(**options: Any) -> Any:
               help="L∞ radii in [0, 1] pixel units, comma-separated; fractions like 8/255 work "
                    "[default: 0,0.006,0.012,8/255 portfolio; 0,0.003,...,0.012 paper; 0,8/255 "
                    "autoattack].")
-@click.option("--attack", "attacks", type=CommaList(str, "attack", list_attacks), default=None,
-              help=f"Paper grid: attack(s), comma-separated: {', '.join(list_attacks())} "
+@click.option("--attack", "attacks", type=CommaList(str, "attack", lambda: list_attacks("grid")),
+              default=None, help=f"Paper grid: attack(s): {', '.join(list_attacks('grid'))} "
                    "[default: fgsm].")
 @click.option("--steps", type=CommaList(_int_item(0), "steps"), default=None,
               help="Paper grid: iterations of iterative attacks, comma-separated (0 = clean) "

@@ -29,7 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .records import DEFAULT_TRANSFORMS, ORIGINAL, PAPER_FGSM_EPS, THREATS, parse_eps
+from ..vocab import DEFAULT_TRANSFORMS, ORIGINAL, PAPER_FGSM_EPS, THREATS, parse_eps
+from .attacks import attack_options, get_attack, list_attacks
 
 __all__ = ["EvalConfig", "PROTOCOLS", "AGGREGATE_CHOICES", "DIFFERENTIABLE_AGGREGATES"]
 
@@ -41,6 +42,8 @@ PORTFOLIO_EPS = (0.0, 0.006, 0.012, 8 / 255)
 AUTOATTACK_EPS = (0.0, 8 / 255)
 #: Keywords that only the ``paper`` (grid) protocol reads.
 _GRID_ONLY = ("attack", "steps", "alpha", "threat")
+#: What protocol ``autoattack`` runs, in the paper grid's terms.
+_AUTOATTACK_GRID = {"attack": ("autoattack",), "threat": ("adaptive",)}
 
 
 def _as_list(value: Any) -> list:
@@ -110,7 +113,17 @@ def _nonneg_floats(value: Any, what: str) -> tuple[float, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _with_attack_options(cls: type) -> type:
+    """Add one field per option the registered attacks declare (``apgd_steps``, ``restarts``,
+    ``eot_iter``, ``cascade``, ...: :func:`~.attacks.attack_options`), with its default."""
+    for name, opt in attack_options().items():
+        cls.__annotations__[name] = type(opt.default).__name__
+        setattr(cls, name, opt.default)
+    return cls
+
+
 @dataclass(frozen=True)
+@_with_attack_options
 class EvalConfig:
     """Everything that defines a robustness evaluation, validated on construction.
 
@@ -133,18 +146,20 @@ class EvalConfig:
         seed: seeds the subset, the calibration draw, the ensembles and the attacks.
         device: torch device string.
         batch_size: images per attack batch.
-        eot_iter: EOT samples per gradient when ensembles redraw members on every forward.
         resample_members: ensembles redraw members on every forward (stochastic).
         samples_per_member: calibration images per member (default: 2h, twice the head width;
             the paper recipes pin the paper's s = h).
         calibration_noise: std of the Gaussian noise added to the calibration pre-activations
             before π is solved (the authors' notebook: 1e-4; default 0).
         sanity: run the sanity probes.
-        apgd_steps, restarts: iterations and restarts of each adaptive APGD (portfolio).
-        transfer_steps, transfer_restarts: PGD crafted on the base model (portfolio).
-        square_queries: Square attack's query budget; 0 leaves Square out (portfolio).
-        cascade: each portfolio attack only tries images every earlier attack left robust
-            (as AutoAttack); ``False`` runs each on every clean-correct image.
+
+    The registered attacks' options are fields too, declared once in the attack classes
+    (:func:`symensemble.robustness.attacks.attack_options`): ``eot_iter`` (EOT samples per
+    gradient on stochastic ensembles), ``apgd_steps`` and ``restarts`` (each adaptive APGD),
+    ``transfer_steps`` and ``transfer_restarts`` (PGD crafted on the base model),
+    ``square_queries`` (0 leaves Square out) and ``cascade`` (each portfolio attack only tries
+    images every earlier attack left robust, as AutoAttack; ``False`` runs each on every
+    clean-correct image).
     """
 
     protocol: str | None = None
@@ -162,17 +177,11 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 250
-    eot_iter: int = 10
     resample_members: bool = False
     samples_per_member: int | None = None
     calibration_noise: float = 0.0
     sanity: bool = True
-    apgd_steps: int = 100
-    restarts: int = 1
-    transfer_steps: int = 20
-    transfer_restarts: int = 1
-    square_queries: int = 0
-    cascade: bool = True
+    # + one field per attack option of the registry (``_with_attack_options``)
 
     def __post_init__(self) -> None:
         for name, value in self._resolved().items():
@@ -184,6 +193,9 @@ class EvalConfig:
         given_grid = [k for k in _GRID_ONLY if getattr(self, k) is not None]
         protocol = self.protocol or ("paper" if given_grid else "portfolio")
         protocol = str(protocol).strip().lower()
+        if protocol == "autoattack":  # its own fill (a copy re-validates it) is no user choice
+            given_grid = [k for k in given_grid if _AUTOATTACK_GRID.get(k) != _names(
+                getattr(self, k), k)]
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; expected one of {list(PROTOCOLS)}")
         if protocol != "paper" and given_grid:
@@ -202,10 +214,9 @@ class EvalConfig:
         if not out["num_members"]:
             raise ValueError("num_members: give at least one ensemble size")
         out.update(self._aggregates())
-        for name, minimum in (("batch_size", 1), ("eot_iter", 1), ("apgd_steps", 1),
-                              ("restarts", 1), ("transfer_steps", 1), ("transfer_restarts", 1),
-                              ("square_queries", 0)):
-            out[name] = _int(getattr(self, name), name, minimum)
+        out["batch_size"] = _int(self.batch_size, "batch_size", 1)
+        for name, opt in attack_options().items():
+            out[name] = opt.validate(getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.samples_per_member is not None:
@@ -216,24 +227,24 @@ class EvalConfig:
             raise ValueError(f"calibration_noise must be a finite number >= 0, got {noise!r}")
         out["calibration_noise"] = float(noise)
         out["device"] = str(self.device)
-        for flag in ("resample_members", "sanity", "cascade"):
+        for flag in ("resample_members", "sanity"):
             out[flag] = bool(getattr(self, flag))
         return out
 
     def _grid(self, protocol: str) -> dict[str, Any]:
-        from .attacks.grid import get_attack
-        from .threats import get_threat
-
         if protocol == "portfolio":
             return {}
         if protocol == "autoattack":
-            return {"attack": ("autoattack",), "threat": ("adaptive",)}
+            return dict(_AUTOATTACK_GRID)
         attack = _names("fgsm" if self.attack is None else self.attack, "attack")
         for name in attack:
-            get_attack(name)
+            if get_attack(name).kind != "grid":
+                raise ValueError(f"attack {name!r} cannot run in the paper grid; expected one of "
+                                 f"{list_attacks('grid')}")
         threat = _names(THREATS if self.threat is None else self.threat, "threat")
         for name in threat:
-            get_threat(name)
+            if name not in THREATS:  # the names of .threats.list_threats()
+                raise ValueError(f"unknown threat model {name!r}; expected one of {list(THREATS)}")
         out: dict[str, Any] = {"attack": attack, "threat": threat}
         if self.steps is not None:
             out["steps"] = _ints(self.steps, "steps", 0)

@@ -5,7 +5,7 @@ The pipeline reads like RobustBench's ``benchmark()``::
     config  = EvalConfig(...)                       # what to measure, validated once
     targets = build_targets(model, data, config)    # base model + one ensemble per (T, G, ε)
     units   = plan(config, targets)                 # typed units: strength × measures
-    flags   = run(units, images)                    # per-image correctness, sharded by rank
+    flags   = run(units, runner, images)            # per-image correctness, sharded by rank
     records = to_records(units, flags)              # sums; worst/robust rows are ANDs
 
 The default protocol is the attack **portfolio** (:mod:`symensemble.robustness.attacks.portfolio`): at each
@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import DistInfo, all_reduce_sum, current, rank_device, shard
+from ..distributed import DistInfo, current, rank_device
 from ..runtime import eval_mode, git_revision, versions
 from .config import EvalConfig
 from .plan import ROBUST, Kind, Role, Unit, plan
 from .records import WHITEBOX, WORST, EvaluationResult, Record, wilson_interval
-from .runner import Runner
+from .runner import Runner, run
 from .sanity import sanity_checks
 from .targets import load_targets, split_tensors, stratified_subset
 
@@ -101,36 +101,42 @@ def evaluate(
     info = current()
     dev = rank_device(config.device, info)
     with _caller_state(model, dev):
-        base, model_info, dataset, targets, calibration = load_targets(
-            model, data, config, dev, ensemble_factory)
-        subset = stratified_subset(dataset.test.labels, config.n, config.seed)
-        x_all, y_all = split_tensors(dataset.test, subset)
-        num_classes = _num_classes(base, dataset)
-        units = plan(config, targets)
-        runner = Runner(targets[0], config, num_classes)
-        flags, seconds = _run(units, runner, x_all, y_all, config, info, dev, progress)
+        setup = load_targets(model, data, config, dev, ensemble_factory)
+        subset = stratified_subset(setup.dataset.test.labels, config.n, config.seed)
+        x_all, y_all = split_tensors(setup.dataset.test, subset)
+        num_classes = _num_classes(setup.base, setup.dataset)
+        units = plan(config, setup.targets)
+        runner = Runner(setup.targets[0], config, num_classes)
+        flags, seconds = run(units, runner, x_all, y_all, info, dev, progress)
         records, probes, flag_map = _to_records(units, flags)
     warnings = sanity_checks(records, probes, num_classes=num_classes, config=config)
     for w in warnings:
         log.warning("%s", w)
-    context = {
-        "data_source": str(getattr(dataset, "source", "in-memory")),
+    context = _context(setup, config, units, seconds, y_all, num_classes, info)
+    context.update(started_at=started_at, elapsed_s=round(time.perf_counter() - started, 3))
+    settings = {**setup.model_info, **_config_settings(config), **context}
+    return EvaluationResult(settings=settings, records=records, warnings=warnings, probes=probes,
+                            config=config, flags=flag_map)
+
+
+def _context(setup: Any, config: EvalConfig, units: list[Unit], seconds: list[float],
+             y_all: torch.Tensor, num_classes: int, info: DistInfo) -> dict[str, Any]:
+    """Provenance of a run for results.json: data, subset, calibration, versions, timings."""
+    return {
+        "data_source": str(getattr(setup.dataset, "source", "in-memory")),
         "subset": {"split": "test", "stratified": True, "seed": config.seed,
                    "class_counts": torch.bincount(y_all, minlength=num_classes).tolist()},
-        "calibration": calibration,
+        "calibration": setup.calibration,
         "num_classes": num_classes,
-        "stochastic_targets": [t.key for t in targets if t.stochastic],
+        "stochastic_targets": [t.key for t in setup.targets if t.stochastic],
         "sanity_probes": [u.note for u in units if u.role is Role.PROBE and u.note],
         "world_size": info.world_size,
         "versions": versions(),
         "git_revision": git_revision(),
-        "started_at": started_at,
-        "elapsed_s": round(time.perf_counter() - started, 3),
+        "started_at": None,
+        "elapsed_s": None,
         "grid_seconds": {u.key: round(sec, 3) for u, sec in zip(units, seconds, strict=True)},
     }
-    settings = {**model_info, **_config_settings(config), **context}
-    return EvaluationResult(settings=settings, records=records, warnings=warnings, probes=probes,
-                            config=config, flags=flag_map)
 
 
 @contextlib.contextmanager
@@ -155,35 +161,6 @@ def _config_settings(config: EvalConfig) -> dict[str, Any]:
     out = config.to_dict()
     out["transforms"] = ["original", *config.ensemble_transforms]
     return out
-
-
-def _run(units: list[Unit], runner: Runner, x_all: torch.Tensor, y_all: torch.Tensor,
-         config: EvalConfig, info: DistInfo, dev: torch.device, progress: bool
-         ) -> tuple[list[torch.Tensor], list[float]]:
-    """Per unit, (measures, n) boolean flags summed over ranks; and each unit's seconds."""
-    from tqdm.auto import tqdm
-
-    n = len(y_all)
-    batches = [(i, slice(s, min(s + config.batch_size, n)))
-               for i, s in enumerate(range(0, n, config.batch_size))]
-    mine = shard(batches, info)
-    flags = [torch.zeros(len(u.measures), n, dtype=torch.int64) for u in units]
-    seconds = [0.0] * len(units)
-    bar = tqdm(total=len(units) * len(mine), desc="attack", unit="batch",
-               disable=not (progress and info.is_main), dynamic_ncols=True)
-    try:
-        for u, unit in enumerate(units):
-            s = unit.strength
-            bar.set_postfix_str(f"{s.attack} eps={s.eps:.4g}" + (f" steps={s.steps}" if s.steps else ""))
-            tick = time.perf_counter()
-            for batch_index, rows in mine:
-                got = runner.run_batch(unit, x_all[rows].to(dev), y_all[rows].to(dev), batch_index)
-                flags[u][:, rows] = got.to("cpu", torch.int64)
-                bar.update(1)
-            seconds[u] = time.perf_counter() - tick
-    finally:
-        bar.close()
-    return [all_reduce_sum(f, info, dev).bool() for f in flags], seconds
 
 
 def _record(unit: Unit, label: str, target, ok: torch.Tensor, broken: int | None = None) -> Record:

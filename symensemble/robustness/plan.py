@@ -11,8 +11,8 @@ Two kinds of unit:
   threat model on one target (``whitebox`` for the base, ``transfer`` / ``adaptive`` for
   ensembles), each run on every image.
 * ``PORTFOLIO``: each measure is one attack of the cascade on one target
-  (:mod:`symensemble.robustness.attacks.portfolio`); the runner stores, per component, the images still robust
-  after it and every earlier one.
+  (:mod:`symensemble.robustness.attacks.portfolio`, a list of registered attacks); the runner
+  stores, per attack, the images still robust after it and every earlier one.
 
 :class:`Role` says whether a unit's rows are results (``RECORD``) or extra measurements the
 sanity checks read (``PROBE``).
@@ -23,19 +23,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .attacks.grid import get_attack
-from .attacks.portfolio import Component, portfolio_components
+from ..vocab import CLEAN, ROBUST, WHITEBOX
+from .attacks import Attack, get_attack, portfolio_attacks
 from .config import EvalConfig
-from .records import WHITEBOX, Strength, Target
+from .records import Strength, Target
 from .sanity import LARGE_EPS, LARGE_EPS_STEPS
 
 __all__ = ["Role", "Kind", "Measure", "Unit", "plan", "grid_strengths", "ROBUST", "CLEAN"]
-
-#: Row label of the portfolio's headline: survives every attack of the cascade.
-from ..vocab import ROBUST  # noqa: E402
-
-#: Row label of the clean-correct images a portfolio cascade starts from.
-CLEAN = "clean"
 
 
 class Role(enum.Enum):
@@ -64,7 +58,7 @@ class Unit:
     kind: Kind
     strength: Strength
     measures: list[Measure]
-    components: list[Component] = field(default_factory=list)
+    components: list[Attack] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -76,7 +70,7 @@ def grid_strengths(config: EvalConfig) -> list[Strength]:
     """The ``paper`` grid: attack × eps × steps, with each attack's resolved step size."""
     out: list[Strength] = []
     for name in config.attack:
-        preset = get_attack(name)
+        preset = type(get_attack(name))
         step_values = list(config.steps) if (preset.iterative and config.steps) else [
             preset.resolve_steps(None)]
         for eps in config.eps:
@@ -91,7 +85,7 @@ def _grid_measures(targets: list[Target], threats: tuple[str, ...]) -> list[Meas
     return [Measure(WHITEBOX, base)] + [Measure(th, t) for t in ensembles for th in threats]
 
 
-def _portfolio_unit(role: Role, eps: float, targets: list[Target], comps: list[Component]
+def _portfolio_unit(role: Role, eps: float, targets: list[Target], comps: list[Attack]
                     ) -> Unit:
     strength = Strength("portfolio", eps, None)
     if strength.clean:
@@ -113,10 +107,7 @@ def _large_eps_probe(targets: list[Target], threats: tuple[str, ...]) -> Unit:
 def plan(config: EvalConfig, targets: list[Target]) -> list[Unit]:
     """The units of an evaluation of ``targets`` under ``config``, results first, then probes."""
     if config.protocol == "portfolio":
-        comps = portfolio_components(
-            apgd_steps=config.apgd_steps, restarts=config.restarts,
-            transfer_steps=config.transfer_steps, transfer_restarts=config.transfer_restarts,
-            square_queries=config.square_queries)
+        comps = portfolio_attacks(config)
         units = [_portfolio_unit(Role.RECORD, e, targets, comps) for e in config.eps]
         if config.sanity:
             units.append(_large_eps_probe(targets, ("adaptive",)))

@@ -1,24 +1,66 @@
 """Runs the units of a plan batch by batch and returns per-image correctness flags.
 
-Every attack is seeded from (evaluation seed, strength, batch, attacked model), so the flags
+:func:`run` is the batch/shard loop (batches spread over the ranks of a ``torchrun`` group,
+flags summed back); :class:`Runner` measures one batch of one unit. Every attack is seeded
+from (evaluation seed, strength, batch, attacked model) by :func:`derive_seed`, so the flags
 do not depend on which other units run or on how batches are spread over processes.
 """
 
 from __future__ import annotations
 
+import time
+import zlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .attacks.grid import get_attack
+from ..distributed import DistInfo, all_reduce_sum, shard
+from ..vocab import CLEAN, WHITEBOX
+from .attacks import Attack, get_attack
 from .config import EvalConfig
-from .plan import CLEAN, Kind, Unit
-from .records import WHITEBOX, Strength, Target
-from .targets import derive_seed
+from .plan import Kind, Unit
+from .records import Strength, Target
 from .threats import get_threat
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "run", "derive_seed"]
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed from ``seed`` and text parts; independent of grid size and world size."""
+    crc = zlib.crc32("|".join(str(p) for p in parts).encode())
+    return (int(seed) * 0x9E3779B97F4A7C15 + crc) % (2**63 - 1)
+
+
+def run(units: list[Unit], runner: Runner, x_all: Tensor, y_all: Tensor, info: DistInfo,
+        dev: torch.device, progress: bool = False) -> tuple[list[Tensor], list[float]]:
+    """Per unit, (measures, n) boolean flags summed over ranks; and each unit's seconds.
+
+    Batches of ``config.batch_size`` images are numbered once and sharded over the ranks, so
+    each batch is attacked with the same seeds whatever the world size.
+    """
+    from tqdm.auto import tqdm
+
+    n, size = len(y_all), runner.config.batch_size
+    batches = [(i, slice(s, min(s + size, n))) for i, s in enumerate(range(0, n, size))]
+    mine = shard(batches, info)
+    flags = [torch.zeros(len(u.measures), n, dtype=torch.int64) for u in units]
+    seconds = [0.0] * len(units)
+    bar = tqdm(total=len(units) * len(mine), desc="attack", unit="batch",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    try:
+        for u, unit in enumerate(units):
+            s = unit.strength
+            bar.set_postfix_str(f"{s.attack} eps={s.eps:.4g}" + (f" steps={s.steps}" if s.steps else ""))
+            tick = time.perf_counter()
+            for batch_index, rows in mine:
+                got = runner.run_batch(unit, x_all[rows].to(dev), y_all[rows].to(dev), batch_index)
+                flags[u][:, rows] = got.to("cpu", torch.int64)
+                bar.update(1)
+            seconds[u] = time.perf_counter() - tick
+    finally:
+        bar.close()
+    return [all_reduce_sum(f, info, dev).bool() for f in flags], seconds
 
 
 class Runner:
@@ -67,7 +109,8 @@ class Runner:
 
     def _grid(self, strength: Strength, unit: Unit, x: Tensor, y: Tensor, batch_index: int
               ) -> Tensor:
-        preset = get_attack(strength.attack)
+        attack = get_attack(strength.attack, steps=strength.steps, alpha=strength.alpha,
+                            eot_iter=self.config.eot_iter, num_classes=self.num_classes)
         adversarial: dict[str, Tensor] = {}
         rows = []
         for measure in unit.measures:
@@ -77,11 +120,8 @@ class Runner:
             if src_key not in adversarial:
                 seed = derive_seed(self.config.seed, strength.key, batch_index, src_key)
                 self._reseed(measure.target.module if stochastic else src_module, seed)
-                attack = preset.build(src_module, eps=strength.eps, steps=strength.steps,
-                                      alpha=strength.alpha, seed=seed % (2**31),
-                                      stochastic=stochastic, eot_iter=self.config.eot_iter,
-                                      num_classes=self.num_classes)
-                adversarial[src_key] = attack(x, y).detach()
+                [adversarial[src_key]] = attack(src_module, x, y, eps=strength.eps,
+                                                seed=seed % (2**31), stochastic=stochastic)
             pred = self._predict(measure.target, adversarial[src_key], strength.key, batch_index,
                                  src_key)
             rows.append(pred == y)
@@ -90,12 +130,12 @@ class Runner:
     # -- portfolio cascade ---------------------------------------------------------------------
 
     def _portfolio(self, unit: Unit, x: Tensor, y: Tensor, batch_index: int) -> Tensor:
-        """Per component, the images still robust after it (and, in a cascade, every earlier one).
+        """Per attack, the images still robust after it (and, in a cascade, every earlier one).
 
         Shared (transfer) candidates are crafted once on the base model for the whole batch;
         the others on each target, only for the images it still has to be attacked on.
         """
-        strength, cfg = unit.strength, self.config
+        strength, cascade = unit.strength, self.config.cascade
         shared: dict[str, list[Tensor]] = {}
         flags: dict[tuple[str, str], Tensor] = {}
         targets = {m.target.key: m.target for m in unit.measures}  # in measure order
@@ -103,37 +143,35 @@ class Runner:
             clean = self._clean(target, x, y, batch_index)
             alive = clean.clone()
             flags[(CLEAN, key)] = clean
-            for comp in unit.components:
-                todo = alive if cfg.cascade else clean
+            for attack in unit.components:
+                todo = alive if cascade else clean
                 idx = todo.nonzero().flatten()
                 ok = torch.zeros_like(todo)
                 if idx.numel():
-                    ok[idx] = self._survives(comp, target, x, y, idx, strength, batch_index, shared)
+                    ok[idx] = self._survives(attack, target, x, y, idx, strength, batch_index,
+                                             shared)
                 alive = alive & ok
-                flags[(comp.name, key)] = alive.clone() if cfg.cascade else ok
+                flags[(attack.name, key)] = alive.clone() if cascade else ok
         return torch.stack([flags[(m.label, m.target.key)] for m in unit.measures])
 
-    def _survives(self, comp, target: Target, x: Tensor, y: Tensor, idx: Tensor,
+    def _survives(self, attack: Attack, target: Target, x: Tensor, y: Tensor, idx: Tensor,
                   strength: Strength, batch_index: int, shared: dict[str, list[Tensor]]) -> Tensor:
-        cfg = self.config
-        if comp.shared:
-            if comp.name not in shared:
-                seed = derive_seed(cfg.seed, strength.key, batch_index, comp.name, self.base.key)
-                shared[comp.name] = comp.candidates(
-                    self.base.module, x, y, eps=strength.eps, seed=seed,
-                    stochastic=self.base.stochastic, eot_iter=cfg.eot_iter,
-                    attack_aggregate=cfg.attack_aggregate)
-            candidates = [c[idx] for c in shared[comp.name]]
+        """Which images ``idx`` the target classifies correctly on every candidate of ``attack``."""
+        if attack.shared:
+            if attack.name not in shared:
+                seed = derive_seed(self.config.seed, strength.key, batch_index, attack.name,
+                                   self.base.key)
+                shared[attack.name] = attack(self.base.module, x, y, eps=strength.eps,
+                                             seed=seed, stochastic=self.base.stochastic)
+            candidates = [c[idx] for c in shared[attack.name]]
         else:
-            seed = derive_seed(cfg.seed, strength.key, batch_index, comp.name, target.key)
+            seed = derive_seed(self.config.seed, strength.key, batch_index, attack.name,
+                               target.key)
             if target.stochastic:
                 self._reseed(target.module, seed)
-            candidates = comp.candidates(target.module, x[idx], y[idx], eps=strength.eps,
-                                         seed=seed, stochastic=target.stochastic,
-                                         eot_iter=cfg.eot_iter,
-                                         attack_aggregate=cfg.attack_aggregate)
+            candidates = attack(target.module, x[idx], y[idx], eps=strength.eps, seed=seed,
+                                stochastic=target.stochastic)
         ok = torch.ones(idx.numel(), dtype=torch.bool, device=y.device)
         for r, adv in enumerate(candidates):
-            ok &= self._predict(target, adv, strength.key, batch_index, comp.name, r) == y[idx]
+            ok &= self._predict(target, adv, strength.key, batch_index, attack.name, r) == y[idx]
         return ok
-

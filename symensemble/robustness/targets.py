@@ -14,7 +14,6 @@ the same way, and :func:`stratified_subset` draws the evaluated test images.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,17 +22,12 @@ from torch import nn
 
 from .config import EvalConfig
 from .records import ORIGINAL, Target, transform_choices
+from .runner import derive_seed
 
-__all__ = ["build_ensemble", "build_targets", "load_targets", "Setup", "stratified_subset", "derive_seed",
+__all__ = ["build_ensemble", "build_targets", "load_targets", "Setup", "stratified_subset",
            "calibration_images", "load_target_model", "load_dataset", "split_tensors"]
 
 EnsembleFactory = Callable[..., nn.Module]
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed from ``seed`` and text parts; independent of grid size and world size."""
-    crc = zlib.crc32("|".join(str(p) for p in parts).encode())
-    return (int(seed) * 0x9E3779B97F4A7C15 + crc) % (2**63 - 1)
 
 
 def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

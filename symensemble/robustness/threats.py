@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .attacks.portfolio import AggregateView
+from .attacks.surrogates import AggregateView
 from .records import Target
 
 __all__ = ["ThreatModel", "Transfer", "Adaptive", "DifferentiableView", "get_threat", "list_threats"]

@@ -1,5 +1,8 @@
 """Adversarial training: L∞ examples crafted on the fly, and robust-validation monitoring.
 
+The crafting itself is the registered attacks ``fgsm-rs`` and ``pgd-train``
+(:mod:`symensemble.robustness.attacks.training`):
+
 * :func:`fgsm_rs` — FGSM with a uniform random start (Wong, Rice & Kolter 2020, "Fast is
   better than free"): δ ~ U(−ε, ε), one signed-gradient step of size α (default 1.25 ε),
   projected onto the ε ball and onto the image range [0, 1].
@@ -25,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..robustness.attacks import get_attack
 from ..vocab import parse_eps
 
 __all__ = [
@@ -135,19 +138,10 @@ class AdversarialConfig:
         return AdversarialConfig.from_dict({**self.to_dict(), **given})
 
 
-def _uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + (2 * noise - 1) * eps).clamp(0, 1)
-
-
-def _project(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Nearest point of the ε ball around ``x`` intersected with the image box [0, 1]."""
-    return torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)
-
-
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         generator: torch.Generator, random_start: bool = True, amp: bool = False) -> torch.Tensor:
-    """L∞ PGD on the cross-entropy (Madry et al. 2018), in batch form.
+    """L∞ PGD on the cross-entropy (Madry et al. 2018), in batch form: the registered
+    ``pgd-train`` attack (:class:`symensemble.robustness.attacks.training.TrainingPGD`).
 
     x' ← Π_{B_ε(x) ∩ [0,1]} (x' + α · sign ∇_x' CE(f(x'), y)), from x' = x + U(−ε, ε) (clamped
     to [0, 1]) when ``random_start``. The model's mode is left as the caller set it: training
@@ -158,27 +152,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         x (B, C, H, W) in [0, 1], y (B,) → adversarial images (B, C, H, W) in [0, 1] with
         ‖x' − x‖_∞ ≤ ε.
     """
-    adv = _uniform_start(x, eps, generator) if random_start else x.clone()
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(adv)
-        # A summed loss keeps per-example gradients from underflowing (only their sign is used).
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, adv)
-        adv = _project(adv.detach() + alpha * grad.sign(), x, eps)
-    return adv.detach()
+    attack = get_attack("pgd-train", steps=steps, alpha=alpha, random_start=random_start, amp=amp)
+    return attack(model, x, y, eps=eps, generator=generator)[0]
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
             generator: torch.Generator, amp: bool = False) -> torch.Tensor:
-    """FGSM with a uniform random start (Wong, Rice & Kolter 2020).
+    """FGSM with a uniform random start (Wong, Rice & Kolter 2020): the registered ``fgsm-rs``.
 
     δ ~ U(−ε, ε); δ ← clip_ε(δ + α · sign ∇_δ CE(f(x + δ), y)); the result is also kept in
     [0, 1]. ``alpha`` defaults to 1.25 ε, the paper's choice (α = 10/255 at ε = 8/255).
     """
-    return pgd(model, x, y, eps=eps, alpha=1.25 * eps if alpha is None else alpha, steps=1,
-               generator=generator, random_start=True, amp=amp)
+    return get_attack("fgsm-rs", alpha=alpha, amp=amp)(model, x, y, eps=eps, generator=generator)[0]
 
 
 class TrainingAttack:
@@ -208,8 +193,10 @@ class TrainingAttack:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         eps = self.eps_at(step)
-        return pgd(model, x, y, eps=eps, alpha=self.config.step_size(eps), steps=self.config.train_steps,
-                   generator=self.generator, amp=self.amp)
+        name = "fgsm-rs" if self.config.method == "fgsm_rs" else "pgd-train"
+        attack = get_attack(name, steps=self.config.train_steps, alpha=self.config.step_size(eps),
+                            amp=self.amp)
+        return attack(model, x, y, eps=eps, generator=self.generator)[0]
 
 
 def detect_collapse(history: list[float], drop: float) -> bool:
