@@ -42,7 +42,7 @@ _EXPORTS = {
     "build_ensemble": "symensemble.robustness.targets",
     "stratified_subset": "symensemble.robustness.targets",
     "EvaluationResult": "symensemble.robustness.records",
-    "load_results": "symensemble.robustness.records",
+    "load_results": "symensemble.robustness.report",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,9 @@ __all__ = [
     "to_jsonable",
     "write_json",
     "default_run_dir",
+    "OutputError",
+    "check_out_dir",
+    "staged_dir",
 ]
 
 
@@ -110,5 +114,85 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
-    """The default output folder of a command: ``<root>/<name>-<YYYYmmdd-HHMMSS>`` (local time)."""
-    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A fresh default output folder: ``<root>/<name>-<YYYYmmdd-HHMMSS>`` (local time), with
+    ``-2``, ``-3``, ... appended when a run of the same second already took that name."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, k = base, 1
+    while folder.exists():
+        k += 1
+        folder = base.with_name(f"{base.name}-{k}")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# One output-folder policy for every command that writes a folder (attack, reproduce, q)
+# --------------------------------------------------------------------------------------------
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used: not writable, a file, or holding another run."""
+
+
+def check_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check, before any work, that ``out`` can receive this run's files; returns it as a Path.
+
+    The policy: a folder that does not exist or is empty is used; a non-empty one is refused
+    unless ``overwrite`` (then it is replaced whole by :func:`staged_dir`, so files of the
+    earlier run never stay beside the new ones). A probe folder is made (and removed) in the
+    nearest existing folder above ``out``, so an unwritable place fails here, not after the
+    work; nothing is left on disk.
+
+    Raises:
+        OutputError: ``out`` is a file, holds files without ``overwrite``, contains the
+            current or home folder (never replaced), or cannot be created or written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{str(out)!r} is a file; expected a folder for the results")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{str(out)!r} already holds files (of an earlier run?); pass "
+                              "--overwrite to replace the folder, or choose a new --out")
+        here = out.resolve()
+        if here in (Path.cwd(), *Path.cwd().parents, Path.home(), *Path.home().parents):
+            raise OutputError(f"{str(out)!r} contains the current or home folder; --overwrite "
+                              "replaces the whole folder, so choose a folder of its own")
+    place = out.parent  # the nearest existing folder above: the run folder is made there
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        if not place.is_dir():
+            raise NotADirectoryError(f"{str(place)!r} is a file")
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".check", dir=place)).rmdir()
+    except OSError as err:
+        raise OutputError(f"cannot write the results to {str(out)!r}: {err.strerror or err}; "
+                          "expected a folder that can be created and written") from None
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp folder beside ``out``; on success it becomes ``out`` by renames.
+
+    A run's files are written into the temp folder; only when the block finishes does the
+    folder take ``out``'s name (an existing ``out`` is moved aside first and then deleted), so
+    ``out`` never holds a half-written run nor a mix of two. When the block raises, the temp
+    folder is removed and ``out`` is left as it was. Check ``out`` first with
+    :func:`check_out_dir`.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -47,8 +47,14 @@ def test_inspect(tmp_path):
     assert "group=T+(4), alpha=1" in res.output and "orbit dim=4" in res.output
     data = _outputs(tmp_path / "o", "tiny-leaky_relu")
     assert len(data["layers"][0]["per_unit"]) == 4
-    res = run(["inspect", str(_checkpoint(tmp_path, "sigmoid")), "--out", str(tmp_path / "o")])
+    # the same folder again: refused (issue 20: never two runs in one folder) unless --overwrite,
+    # which replaces it whole (the first run's files are gone)
+    again = ["inspect", str(_checkpoint(tmp_path, "sigmoid")), "--out", str(tmp_path / "o")]
+    res = run(again, ok=False)
+    assert res.exit_code == 2 and "already holds files" in res.output and "--overwrite" in res.output
+    res = run([*again, "--overwrite"])
     assert "no continuous linear symmetry" in res.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["tiny-sigmoid.json", "tiny-sigmoid.png"]
 
 
 def test_dynamics_distribution_convergence_hessian(tmp_path):
@@ -69,12 +75,12 @@ def test_dynamics_distribution_convergence_hessian(tmp_path):
             "--h",
             "8",
             "--out",
-            str(out),
+            str(out / "dyn"),
             "--quiet",
         ]
     )
     assert "Prop. E.1" in res.output and "holds=True" in res.output
-    assert _outputs(out, "dynamics")["checks"]["prop_e1_holds"]
+    assert _outputs(out / "dyn", "dynamics")["checks"]["prop_e1_holds"]
 
     res = run(
         [
@@ -88,12 +94,12 @@ def test_dynamics_distribution_convergence_hessian(tmp_path):
             "--samples",
             "100",
             "--out",
-            str(out),
+            str(out / "dist"),
             "--quiet",
         ]
     )
     assert "paper m-h = -10" in res.output
-    assert len(_outputs(out, "distribution")["results"]) == 2
+    assert len(_outputs(out / "dist", "distribution")["results"]) == 2
 
     res = run(
         [
@@ -109,7 +115,7 @@ def test_dynamics_distribution_convergence_hessian(tmp_path):
             "--steps",
             "3000",
             "--out",
-            str(out),
+            str(out / "rad"),
             "--quiet",
         ]
     )
@@ -128,12 +134,12 @@ def test_dynamics_distribution_convergence_hessian(tmp_path):
             "--steps",
             "200",
             "--out",
-            str(out),
+            str(out / "conv"),
             "--quiet",
         ]
     )
     assert "[orbit]" in res.output
-    assert _outputs(out, "convergence-elementwise")["results"]["relu"]["targets"] == [-1.0, 1.0]
+    assert _outputs(out / "conv", "convergence-elementwise")["results"]["relu"]["targets"] == [-1.0, 1.0]
 
     res = run(
         [
@@ -153,12 +159,12 @@ def test_dynamics_distribution_convergence_hessian(tmp_path):
             "--steps",
             "2000",
             "--out",
-            str(out),
+            str(out / "hess"),
             "--quiet",
         ]
     )
     assert "near-zero 19/25 orbit dim 19 (formula 19)" in res.output
-    assert _outputs(out, "hessian")["one_dimensional"]["max_abs_err"] < 1e-8
+    assert _outputs(out / "hess", "hessian")["one_dimensional"]["max_abs_err"] < 1e-8
 
 
 def test_bad_options_are_usage_errors(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,13 +14,13 @@ from symensemble.robustness.records import (
     WHITEBOX,
     EvaluationResult,
     Record,
-    load_results,
     wilson_interval,
 )
 from symensemble.robustness.report import (
     RECORD_FIELDS,
     compare_with_paper,
     format_eps,
+    load_results,
     markdown_table,
     plot_accuracy,
     plot_delta_heatmap,
@@ -28,6 +29,7 @@ from symensemble.robustness.report import (
     warnings_text,
     write_results,
 )
+from symensemble.robustness.report.robustbench import MODEL_INFO_FIELDS, ModelCard
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -193,27 +195,73 @@ def test_compare_with_paper_curve_and_grid():
     assert compare_with_paper(fgsm_result(), {}) == ""
 
 
-def test_autoattack_results_write_robustbench_model_info(tmp_path):
+ROBUSTBENCH = Path(__file__).parent / "data" / "robustbench" / "model_info" / "cifar10" / "Linf"
+
+
+def autoattack_result(eps=(8 / 255,)) -> EvaluationResult:
     records = [rec(ORIGINAL, WHITEBOX, 0.0, 0.62, attack="autoattack", steps=None),
-               rec(ORIGINAL, WHITEBOX, 8 / 255, 0.25, attack="autoattack", steps=None),
-               rec("group", "adaptive", 0.0, 0.49, attack="autoattack", steps=None),
-               rec("group", "adaptive", 8 / 255, 0.01, attack="autoattack", steps=None)]
-    settings = {"protocol": "autoattack", "attack": ["autoattack"], "eps": [0.0, 8 / 255],
+               rec("group", "adaptive", 0.0, 0.49, attack="autoattack", steps=None)]
+    for k, x in enumerate(eps):
+        records += [rec(ORIGINAL, WHITEBOX, x, 0.25 - 0.1 * k, attack="autoattack", steps=None),
+                    rec("group", "adaptive", x, 0.01, attack="autoattack", steps=None)]
+    settings = {"protocol": "autoattack", "attack": ["autoattack"], "eps": [0.0, *eps],
                 "threat": ["adaptive"], "transforms": ["original", "group"], "num_members": [200],
                 "ensemble_eps": [10.0], "model_name": "paper_cnn", "checkpoint": "x.safetensors",
                 "seed": 0}
-    written = write_results(EvaluationResult(settings, records), tmp_path, figures=False)
-    assert {"robustbench_original.json", "robustbench_group_G200_eps10.json"} <= set(written)
-    base = json.loads((tmp_path / "robustbench_original.json").read_text())
+    return EvaluationResult(settings, records)
+
+
+def test_autoattack_results_write_robustbench_model_info(tmp_path):
+    written = write_results(autoattack_result(), tmp_path / "aa", figures=False)
+    folder = tmp_path / "aa" / "model_info" / "cifar10" / "Linf"
+    assert {p.name for p in folder.iterdir()} == {"symensemble_original.json",
+                                                  "symensemble_group_G200_eps10.json"}
+    assert "model_info/cifar10/Linf/symensemble_original.json" in written
+    base = json.loads((folder / "symensemble_original.json").read_text())
     assert base["clean_acc"] == "62.00" and base["autoattack_acc"] == "25.00"
     assert base["eps"] == "8/255" and base["dataset"] == "cifar10"
     assert base["number_forward_passes"] == 1 and base["architecture"] == "paper_cnn"
-    group = json.loads((tmp_path / "robustbench_group_G200_eps10.json").read_text())
+    assert base["authors"] == "unknown" and base["venue"] == "" and base["link"] == ""
+    assert "--link, --authors, --venue" in base["footnote"] and "n=1000" in base["footnote"]
+    group = json.loads((folder / "symensemble_group_G200_eps10.json").read_text())
     assert group["autoattack_acc"] == "1.00" and "G=200" in group["architecture"]
+    assert "one backbone pass per image, then 200 member heads" in group["footnote"]
     # other protocols write no RobustBench files
-    settings["protocol"] = "paper"
-    assert not any(k.startswith("robustbench") for k in
-                   write_results(EvaluationResult(settings, records), tmp_path / "p", figures=False))
+    result = autoattack_result()
+    result.settings["protocol"] = "paper"
+    assert not any("model_info" in k for k in
+                   write_results(result, tmp_path / "p", figures=False))
+
+
+def test_model_info_has_the_fields_and_types_of_a_real_robustbench_file(tmp_path):
+    """Checked against RobustBench's own Chen2020Adversarial.json (tests/data/robustbench)."""
+    real = json.loads((ROBUSTBENCH / "Chen2020Adversarial.json").read_text())
+    card = ModelCard(name="SymEns2026", link="https://example.org/paper", authors="A. B, C. D",
+                     venue="ICML 2026")
+    write_results(autoattack_result(), tmp_path / "aa", figures=False, card=card)
+    ours = json.loads((tmp_path / "aa/model_info/cifar10/Linf/SymEns2026.json").read_text())
+    assert list(ours) == list(MODEL_INFO_FIELDS)
+    assert set(ours) == set(real)  # every field RobustBench's file has, and no other
+    assert {k: type(v) for k, v in ours.items()} == {k: type(v) for k, v in real.items()}
+    assert ours["name"] == "SymEns2026" and ours["venue"] == "ICML 2026"
+    assert ours["authors"] == "A. B, C. D" and ours["link"] == "https://example.org/paper"
+    # what RobustBench's leaderboard code does with a file: float() of the accuracies
+    for info in (real, ours):
+        assert 0 <= float(info["clean_acc"]) <= 100 and 0 <= float(info["autoattack_acc"]) <= 100
+        assert info["eps"] == "8/255" and info["dataset"] == "cifar10"
+    assert (tmp_path / "aa/model_info/cifar10/Linf/SymEns2026_group_G200_eps10.json").is_file()
+
+
+def test_two_radii_write_two_model_info_files(tmp_path):
+    write_results(autoattack_result(eps=(4 / 255, 8 / 255)), tmp_path / "aa", figures=False)
+    folder = tmp_path / "aa" / "model_info" / "cifar10" / "Linf"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"symensemble_original.json", "symensemble_original_eps4-255.json",
+                     "symensemble_group_G200_eps10.json", "symensemble_group_G200_eps10_eps4-255.json"}
+    at4 = json.loads((folder / "symensemble_original_eps4-255.json").read_text())
+    at8 = json.loads((folder / "symensemble_original.json").read_text())
+    assert (at4["eps"], at4["autoattack_acc"]) == ("4/255", "25.00")
+    assert (at8["eps"], at8["autoattack_acc"]) == ("8/255", "15.00")
 
 
 def test_portfolio_tables_show_the_cascade():

@@ -5,17 +5,21 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..robustness.attacks import DEFAULT_EOT_ITER, list_attacks
-from ..robustness.config import PROTOCOLS
-from ..robustness.records import DEFAULT_TRANSFORMS, THREATS, parse_eps, transform_choices
-from .options import CommaList
+from ..robustness.attacks import attack_click_options, list_attacks
+from ..robustness.config import PROTOCOLS, EvalConfig
+from ..robustness.records import transform_choices
+from ..robustness.report.robustbench import ModelCard
+from ..vocab import DEFAULT_TRANSFORMS, THREATS, parse_eps
+from . import options as opt
+from .options import CommaList, cli_errors, resolve_device
 
-__all__ = ["command", "CommaList", "run_and_report", "resolve_device"]
+__all__ = ["command", "CommaList", "RunOutput", "run_and_report", "resolve_device"]
 
 
 def _int_item(minimum: int) -> Callable[[str], int]:
@@ -54,86 +58,43 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> flo
     return alpha
 
 
-def resolve_device(device: str, param_hint: str = "--device") -> str:
-    """:func:`symensemble.runtime.resolve_device` as a device string, errors as click errors.
+@dataclass(frozen=True)
+class RunOutput:
+    """Where and how a run is reported (the options that do not change what is measured).
 
-    Raises:
-        click.BadParameter: ``cuda`` asked for but torch sees no CUDA device (``param_hint``
-            names where the value came from).
+    Attributes:
+        out: the run's folder; ``None``: a fresh ``runs/<name>-<timestamp>``.
+        figures: also write the PNG figures.
+        quiet: no progress bar.
+        overwrite: replace a non-empty ``out`` whole (else it is refused before any work).
+        name: the default folder's prefix.
+        card: RobustBench model-info fields only the user knows (``--model-name`` ...).
     """
-    from ..runtime import resolve_device as resolve
 
-    try:
-        return str(resolve(device))
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint=param_hint) from None
+    out: Path | None = None
+    figures: bool = True
+    quiet: bool = False
+    overwrite: bool = False
+    name: str = "attack"
+    card: ModelCard = field(default_factory=ModelCard)
 
 
-def _evaluate(config: Any, model: str, data: Path | None, *, quiet: bool, context: str = ""):
-    """:func:`symensemble.evaluate` inside the torchrun process group, errors as click errors.
-
-    A bad checkpoint names ``--checkpoint``, bad data ``--data``; any other ``ValueError`` is
-    a usage error (prefixed with ``context``, e.g. the recipe path). Other exceptions are
-    bugs and propagate unchanged. Returns ``None`` on ranks other than 0.
-    """
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
+def _evaluate(config: EvalConfig, model: str, data: Path | None, *, quiet: bool, context: str = ""):
+    """:func:`symensemble.evaluate` inside the torchrun process group, errors as click errors
+    (:func:`~symensemble.commands.options.cli_errors`, prefixed with ``context``). Returns
+    ``None`` on ranks other than 0."""
     from ..distributed import distributed
     from ..robustness.evaluation import evaluate
 
-    try:
+    with cli_errors(context):
         with distributed(config.device) as info:
             result = evaluate(model, data, config, progress=not quiet)
             return result if info.is_main else None
-    except CheckpointError as err:
-        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
-    except DataError as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
-    except ValueError as err:
-        raise click.UsageError(f"{context}{err}") from None
 
 
-def _write(result: Any, out: Path, *, figures: bool, extra: dict[str, str]) -> dict[str, Path]:
-    from ..robustness.report import write_results
+def _print_report(result: Any, comparison: str, written: dict[str, Path], folder: Path) -> None:
+    from ..robustness.report import markdown_table, portfolio_table, warnings_text
 
-    try:
-        return write_results(result, out, figures=figures, extra=extra)
-    except OSError as err:
-        raise click.BadParameter(
-            f"cannot write the results to {str(out)!r}: {err.strerror or err}; expected a "
-            "folder that can be created and written", param_hint="--out") from None
-
-
-def run_and_report(config: Any, model: str, data: Path | None, out: Path | None, *,
-                   figures: bool, quiet: bool, name: str = "attack",
-                   paper: dict[str, Any] | None = None, title: str | None = None,
-                   context: str = "") -> None:
-    """Evaluate, then (rank 0) print the tables and write ``out`` — shared by attack/reproduce.
-
-    Args:
-        config: the :class:`~symensemble.robustness.config.EvalConfig` to run.
-        model, data: checkpoint and data source.
-        out: output folder; default ``runs/<name>-<timestamp>``.
-        figures: write the figures.
-        quiet: no progress bar.
-        name: the default folder's prefix.
-        paper: a recipe's ``[paper]`` table: also write and print comparison.md.
-        title: the recipe's title (recorded in the settings and comparison.md).
-        context: prefix of usage errors (the recipe path).
-    """
-    from ..io import default_run_dir
-    from ..robustness.report import compare_with_paper, markdown_table, portfolio_table, warnings_text
-
-    result = _evaluate(config, model, data, quiet=quiet, context=context)
-    if result is None:
-        return
-    result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
-    if title is not None:
-        result.settings["recipe"] = {"path": context.rstrip(": "), "title": title}
-    comparison = compare_with_paper(result, paper) if paper else ""
-    extra = {"comparison.md": f"# {title}\n\n{comparison}"} if comparison else {}
-    out = out or default_run_dir(name)
-    written = _write(result, out, figures=figures, extra=extra)
     click.echo("")
     click.echo(markdown_table(result))
     per_attack = portfolio_table(result)
@@ -145,24 +106,66 @@ def run_and_report(config: Any, model: str, data: Path | None, out: Path | None,
     if comparison:
         click.echo(comparison)
     click.echo(f"elapsed {result.settings['elapsed_s']:.1f} s; wrote "
-               + ", ".join(p.name for p in written.values()) + f" to {out}")
+               + ", ".join(p.name for p in written.values()) + f" to {folder}")
 
 
-def _build_config(**options: Any) -> Any:
-    from ..robustness.config import EvalConfig
+def run_and_report(config: EvalConfig, model: str, data: Path | None, output: RunOutput, *,
+                   paper: dict[str, Any] | None = None, title: str | None = None,
+                   context: str = "") -> None:
+    """Check the output folder, evaluate, then (rank 0) print the tables and write the folder.
 
-    try:
-        return EvalConfig(**{k: v for k, v in options.items() if v is not None})
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    Shared by ``attack`` and ``reproduce``. The folder is checked before any work (writable;
+    empty unless ``output.overwrite``) and written whole at the end
+    (:func:`symensemble.robustness.report.write_results`).
+
+    Args:
+        config: the :class:`~symensemble.robustness.config.EvalConfig` to run.
+        model, data: checkpoint and data source.
+        output: where and how to report.
+        paper: a recipe's ``[paper]`` table: also write and print comparison.md.
+        title: the recipe's title (recorded in the settings and comparison.md).
+        context: prefix of usage errors (the recipe path).
+    """
+    from ..io import check_out_dir, default_run_dir
+    from ..robustness.report import compare_with_paper, write_results
+
+    with cli_errors(context):
+        folder = check_out_dir(output.out or default_run_dir(output.name),
+                               overwrite=output.overwrite)
+    result = _evaluate(config, model, data, quiet=output.quiet, context=context)
+    if result is None:
+        return
+    result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
+    if title is not None:
+        result.settings["recipe"] = {"path": context.rstrip(": "), "title": title}
+    comparison = compare_with_paper(result, paper) if paper else ""
+    extra = {"comparison.md": f"# {title}\n\n{comparison}"} if comparison else {}
+    with cli_errors(context):
+        written = write_results(result, folder, figures=output.figures, extra=extra,
+                                overwrite=output.overwrite, card=output.card)
+    _print_report(result, comparison, written, folder)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user set (``None`` leaves the config's default, resolved by protocol)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _with_clean(protocol: str | None, eps: list[float] | None) -> list[float] | None:
+    """AutoAttack radii with 0 added: RobustBench's model info needs the clean accuracy, so an
+    eps list without 0 still measures it (and says so)."""
+    if protocol == "autoattack" and eps is not None and 0.0 not in eps:
+        click.echo("note: eps 0 (clean accuracy) added: RobustBench's model-info files need it",
+                   err=True)
+        return [0.0, *eps]
+    return eps
 
 
 @click.command("attack", short_help="Robust accuracy of a model and its symmetry ensembles.")
 @click.option("--checkpoint", default="paper_cnn", show_default=True,
               help="Checkpoint .safetensors path or shipped name.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
-                   "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
+@opt.data_option("CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
+                 "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default=None,
               help="portfolio: robust only if an image survives every attack of a strong "
                    "cascade (the default); paper: the paper's transfer-FGSM grid (implied by "
@@ -174,7 +177,7 @@ def _build_config(**options: Any) -> Any:
                    "[default: 0,0.006,0.012,8/255 portfolio; 0,0.003,...,0.012 paper; 0,8/255 "
                    "autoattack].")
 @click.option("--attack", "attacks", type=CommaList(str, "attack", lambda: list_attacks("grid")),
-              default=None, help=f"Paper grid: attack(s): {', '.join(list_attacks('grid'))} "
+              default=None, help=f"Paper grid: attack(s), comma-separated: {', '.join(list_attacks('grid'))} "
                    "[default: fgsm].")
 @click.option("--steps", type=CommaList(_int_item(0), "steps"), default=None,
               help="Paper grid: iterations of iterative attacks, comma-separated (0 = clean) "
@@ -184,18 +187,7 @@ def _build_config(**options: Any) -> Any:
 @click.option("--threat", "threats", type=CommaList(str, "threat", lambda: list(THREATS)),
               default=None, help="Paper grid: transfer (crafted on the base model), adaptive "
                                  "(on each ensemble), or both [default: both].")
-@click.option("--apgd-steps", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Portfolio: iterations of each adaptive APGD.")
-@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Portfolio: random restarts of each adaptive APGD.")
-@click.option("--transfer-steps", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Portfolio: PGD iterations crafted on the base model.")
-@click.option("--transfer-restarts", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Portfolio: PGD restarts crafted on the base model.")
-@click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Portfolio: Square attack query budget (0 = no Square).")
-@click.option("--cascade/--no-cascade", default=True, show_default=True,
-              help="Portfolio: each attack only tries images still robust (as AutoAttack).")
+@attack_click_options()
 @click.option("--transforms", type=CommaList(str, "transform", transform_choices),
               default=",".join(DEFAULT_TRANSFORMS), show_default=True,
               help="'original' (the base model) and ensemble transforms, comma-separated.")
@@ -210,14 +202,10 @@ def _build_config(**options: Any) -> Any:
 @click.option("--attack-aggregate", type=click.Choice(["mean", "logit_mean"]), default=None,
               help="Differentiable output adaptive attacks use [default: --aggregate if "
                    "differentiable, else mean].")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the subset, calibration, ensembles and attack random starts.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Device (cuda picks LOCAL_RANK's GPU under torchrun).")
+@opt.seed_option(0, "Seeds the subset, calibration, ensembles and attack random starts.")
+@opt.device_option("auto", "Device (cuda picks LOCAL_RANK's GPU under torchrun).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True,
               help="Images per attack batch.")
-@click.option("--eot-iter", type=click.IntRange(min=1), default=DEFAULT_EOT_ITER,
-              show_default=True, help="EOT samples per gradient on stochastic ensembles.")
 @click.option("--resample-members", is_flag=True,
               help="Ensembles redraw members on every forward (stochastic; attacked with EOT).")
 @click.option("--samples-per-member", type=click.IntRange(min=1), default=None,
@@ -230,12 +218,19 @@ def _build_config(**options: Any) -> Any:
               help="Run the sanity probes (PGD at eps 64/255; clean and FGSM references).")
 @click.option("--figures/--no-figures", default=True, show_default=True,
               help="Write accuracy_vs_eps.png (and delta_heatmap.png for sweeps).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder [default: runs/attack-<timestamp>].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(checkpoint: str, data: Path | None, figures: bool, out: Path | None, quiet: bool,
-            device: str, attacks: list[str] | None, threats: list[str] | None, **options: Any
-            ) -> None:
+@opt.out_dir_option("runs/attack-<timestamp>")
+@opt.overwrite_option()
+@opt.model_card_options
+@opt.quiet_option("No progress bar.")
+def command(checkpoint: str, data: Path | None, protocol: str | None, n: int | None,
+            eps: list[float] | None, attacks: list[str] | None, steps: list[int] | None,
+            alpha: float | None, threats: list[str] | None, transforms: list[str],
+            num_members: list[int], ensemble_eps: list[float], aggregate: str,
+            attack_aggregate: str | None, seed: int, device: str, batch_size: int,
+            resample_members: bool, samples_per_member: int | None,
+            calibration_noise: float | None, sanity: bool, figures: bool, out: Path | None,
+            overwrite: bool, model_name: str | None, link: str | None, authors: str | None,
+            venue: str | None, quiet: bool, **attack_options: Any) -> None:
     """Attack the base model and its symmetry ensembles; print and save accuracy tables.
 
     By default every radius runs the attack portfolio: an image counts as robust only if it
@@ -243,7 +238,8 @@ def command(checkpoint: str, data: Path | None, figures: bool, out: Path | None,
     soft-vote surrogate on each target's own output (a cascade: each attack only tries the
     images still robust). `--protocol paper` runs the paper's transfer-FGSM grid
     (Figure 11) with `transfer` and `adaptive` threat models. Writes results.json,
-    results.csv, table.md and figures to --out.
+    results.csv, table.md and figures to --out (refused when it holds files, unless
+    --overwrite); `--protocol autoattack` adds RobustBench's model_info/cifar10/Linf/<Name>.json.
 
     \b
     Examples:
@@ -253,6 +249,14 @@ def command(checkpoint: str, data: Path | None, figures: bool, out: Path | None,
       symensemble attack --protocol autoattack --transforms original,group --n 1000
       torchrun --nproc_per_node 2 --no-python -- symensemble attack --n 1000
     """
-    config = _build_config(attack=attacks, threat=threats, device=resolve_device(device),
-                           **options)
-    run_and_report(config, checkpoint, data, out, figures=figures, quiet=quiet)
+    with cli_errors():  # attack_options: the registry's options, keyed by EvalConfig field
+        config = EvalConfig(**attack_options, **_given(
+            protocol=protocol, n=n, eps=_with_clean(protocol, eps), attack=attacks, steps=steps,
+            alpha=alpha, threat=threats, transforms=transforms, num_members=num_members,
+            ensemble_eps=ensemble_eps, aggregate=aggregate, attack_aggregate=attack_aggregate,
+            seed=seed, device=resolve_device(device), batch_size=batch_size,
+            resample_members=resample_members, samples_per_member=samples_per_member,
+            calibration_noise=calibration_noise, sanity=sanity))
+    card = ModelCard(name=model_name, link=link, authors=authors, venue=venue)
+    output = RunOutput(out, figures=figures, quiet=quiet, overwrite=overwrite, card=card)
+    run_and_report(config, checkpoint, data, output)

@@ -7,8 +7,9 @@ all occurrences are joined, in order, without duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ __all__ = [
     "quiet_option",
     "out_dir_option",
     "data_option",
+    "device_option",
+    "overwrite_option",
+    "model_card_options",
+    "cli_errors",
+    "resolve_device",
 ]
 
 
@@ -124,8 +130,15 @@ def list_option(*decls: str, item: Callable[[str], Any], what: str, default: Any
                         help=f"{help} Comma-separated or repeated.".strip())
 
 
-seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+def seed_option(default: int | None = 0, help: str = "Random seed.") -> Callable:
+    """``--seed``: an integer (``default=None``: the command's recipe decides)."""
+    return click.option("--seed", type=int, default=default, show_default=default is not None,
+                        help=help)
+
+
+def quiet_option(help: str = "No progress bars.") -> Callable:
+    """``--quiet``: no progress bars."""
+    return click.option("--quiet", is_flag=True, help=help)
 
 
 def out_dir_option(default_hint: str) -> Callable:
@@ -134,8 +147,80 @@ def out_dir_option(default_hint: str) -> Callable:
                         help=f"Output folder [default: {default_hint}].")
 
 
-data_option = click.option("--data", type=click.Path(path_type=Path), default=None,
-                           help="CIFAR-10 source [default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
+def overwrite_option(what: str = "--out") -> Callable:
+    """``--overwrite``: replace a non-empty output folder whole (see :func:`symensemble.io.check_out_dir`)."""
+    return click.option("--overwrite", is_flag=True,
+                        help=f"Replace a non-empty {what} (its old files are removed; without this "
+                             "flag a non-empty folder is refused).")
+
+
+_DATA_HELP = "CIFAR-10 source [default: $SYMENSEMBLE_DATA or ~/.cache/symensemble]."
+
+
+def data_option(help: str = _DATA_HELP) -> Callable:
+    """``--data``: a CIFAR-10 source (folder tree, .tar.gz or torchvision root); None = default."""
+    return click.option("--data", type=click.Path(path_type=Path), default=None, help=help)
+
+
+def device_option(default: str | None = "auto", help: str = "Device.") -> Callable:
+    """``--device``: auto, cpu or cuda (``default=None``: the command's recipe decides)."""
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default,
+                        show_default=default is not None, help=help)
+
+
+def model_card_options(fn: Callable) -> Callable:
+    """``--model-name``, ``--link``, ``--authors``, ``--venue``: the RobustBench model-info fields
+    only the user knows (written as unknown when not given)."""
+    for name, what in (("--venue", "venue, e.g. 'ICML 2024'"),
+                       ("--authors", "authors, comma-separated"),
+                       ("--link", "link to the paper or model page"),
+                       ("--model-name", "name (also the file name model_info/cifar10/Linf/<Name>.json)")):
+        fn = click.option(name, default=None,
+                          help=f"RobustBench model-info {what} [default: marked unknown].")(fn)
+    return fn
+
+
+def resolve_device(device: str, param_hint: str = "--device") -> str:
+    """:func:`symensemble.runtime.resolve_device` as a device string, errors as click errors.
+
+    Raises:
+        click.BadParameter: ``cuda`` asked for but torch sees no CUDA device (``param_hint``
+            names where the value came from).
+    """
+    from ..runtime import resolve_device as resolve  # lazy: `symensemble --help` needs no torch
+
+    try:
+        return str(resolve(device))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=param_hint) from None
+
+
+@contextlib.contextmanager
+def cli_errors(context: str = "", *, checkpoint: str = "--checkpoint", data: str = "--data",
+               out: str = "--out") -> Iterator[None]:
+    """Library errors as click errors (exit code 2, a clear message); a decorator or a ``with``.
+
+    ``CheckpointError`` names ``checkpoint``, ``DataError`` names ``data``, ``OutputError``
+    (:mod:`symensemble.io`) names ``out``; any other ``ValueError`` is a usage error prefixed
+    with ``context`` (e.g. a recipe path). Click's own errors pass unchanged; other exceptions
+    are bugs and propagate with their traceback.
+    """
+    from ..checkpoint import CheckpointError  # lazy: `symensemble --help` needs no torch
+    from ..data import DataError
+    from ..io import OutputError
+
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except CheckpointError as err:
+        raise click.BadParameter(str(err), param_hint=checkpoint) from None
+    except DataError as err:
+        raise click.BadParameter(str(err), param_hint=data) from None
+    except OutputError as err:
+        raise click.BadParameter(str(err), param_hint=out) from None
+    except ValueError as err:
+        raise click.UsageError(f"{context}{err}") from None
 
 
 def widths_options(m: int, h: int, n: int) -> Callable:

@@ -26,6 +26,15 @@ def _config(text: str) -> tuple[int, int, int, str]:
     return parse_config(text)
 
 
+def _out(command: str) -> Callable:
+    """``--out`` (default ``runs/q-<command>-<timestamp>``) and ``--overwrite``."""
+
+    def decorate(fn: Callable) -> Callable:
+        return opt.out_dir_option(f"runs/q-{command}-<timestamp>")(opt.overwrite_option()(fn))
+
+    return decorate
+
+
 def _activations(default: tuple[str, ...], help: str = "Hidden activation(s).") -> Callable:
     return opt.list_option("--activation", "activations", item=opt.one_of(_POINTWISE), what="activation",
                            default=default, help=help)
@@ -33,21 +42,27 @@ def _activations(default: tuple[str, ...], help: str = "Hidden activation(s).") 
 
 def _run_study(command: str, name: str, out: Path | None, settings: dict[str, Any],
                compute: Callable[[], dict[str, Any]], plot: Callable, lines: Callable,
-               q_definition: str | None = None) -> None:
-    """Run a study, write its JSON (with the ``q_definition`` it used) and figure, print its
-    summary; a ValueError becomes a usage error."""
-    from ..diagnostics.common import run_header, write_result
-    from ..io import default_run_dir
+               q_definition: str | None = None, overwrite: bool = False) -> None:
+    """Check the output folder, run a study, write its JSON (with the ``q_definition`` it
+    used) and figure, print its summary.
 
-    try:
+    The folder follows :func:`symensemble.io.check_out_dir` (checked before the work; a
+    non-empty one only with ``overwrite``) and is written whole by
+    :func:`symensemble.io.staged_dir`; library errors become usage errors.
+    """
+    from ..diagnostics.common import run_header, write_result
+    from ..io import check_out_dir, default_run_dir, staged_dir
+
+    with opt.cli_errors():
+        folder = check_out_dir(out or default_run_dir(f"q-{command}"), overwrite=overwrite)
         result = compute()
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
     if q_definition is not None:
         result["q_definition"] = q_definition
-    folder = out or default_run_dir(f"q-{command}")
     header = run_header(f"symensemble q {command}", settings)
-    json_path, png_path = write_result(folder / f"{name}.json", header, result, plot)
+    with staged_dir(folder) as tmp:
+        json_tmp, png_tmp = write_result(tmp / f"{name}.json", header, result, plot)
+    json_path = folder / json_tmp.name
+    png_path = folder / png_tmp.name if png_tmp is not None else None
     for line in lines(result):
         click.echo(line)
     click.echo(f"wrote {json_path} and {png_path}")
@@ -60,8 +75,8 @@ def command() -> None:
 
 @command.command("inspect", short_help="Q of every hidden layer of a trained model.")
 @click.argument("checkpoint")
-@opt.out_dir_option("runs/q-inspect-<timestamp>")
-def inspect_cmd(checkpoint: str, out: Path | None) -> None:
+@_out("inspect")
+def inspect_cmd(checkpoint: str, out: Path | None, overwrite: bool) -> None:
     """Report the head's conserved quantities Q_k = |V_k|^2 + b_k^2 - alpha |U_k|^2 per hidden
     unit (or the full imbalance matrix of a linear head), its symmetry group and orbit dimension.
 
@@ -78,7 +93,7 @@ def inspect_cmd(checkpoint: str, out: Path | None) -> None:
     stem = Path(checkpoint).name.removesuffix(".safetensors") or "model"
     _run_study("inspect", stem, out, {"checkpoint": checkpoint},
                lambda: {**inspect_model(model), "checkpoint": info["path"]},
-               lambda r, p: plot_inspection(r, p, title=stem), inspect_lines)
+               lambda r, p: plot_inspection(r, p, title=stem), inspect_lines, overwrite=overwrite)
 
 
 @command.command("dynamics", short_help="Fig. 3: Q under gradient descent; Prop. E.1 bound.")
@@ -90,10 +105,10 @@ def inspect_cmd(checkpoint: str, out: Path | None) -> None:
 @opt.widths_options(m=5, h=50, n=10)
 @click.option("--init-std", type=_positive, default=0.1, show_default=True,
               help="Std of the initial U, V entries.")
-@opt.seed_option
-@opt.out_dir_option("runs/q-dynamics-<timestamp>")
-@opt.quiet_option
-def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -> None:
+@opt.seed_option()
+@_out("dynamics")
+@opt.quiet_option()
+def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, overwrite, quiet) -> None:
     """Train W = U sigma(V) (whitened input) with several learning rates and record
     dQ~(t) (eq. 42) and the loss; check |Q_{t+1} - Q_t| <= lr^2 |dL/dt| (Prop. E.1) at every
     step of the linear network."""
@@ -103,7 +118,7 @@ def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -
     kw = dict(steps=steps, m=m, h=h, n=n, init_std=init_std, seed=seed)
     _run_study("dynamics", "dynamics", out, dict(activations=activations, lrs=lrs, **kw),
                lambda: q_dynamics(activations, lrs, progress=not quiet, **kw), plot_q_dynamics,
-               dynamics_lines, "eq. 47: Q = 1/2 Tr U^T U - sum int_0^V sigma/sigma'")
+               dynamics_lines, "eq. 47: Q = 1/2 Tr U^T U - sum int_0^V sigma/sigma'", overwrite)
 
 
 @command.command("distribution", short_help="Figs. 4-5: Q at initialization vs E[Q] = m - h.")
@@ -116,10 +131,10 @@ def dynamics_cmd(activations, lrs, steps, m, h, n, init_std, seed, out, quiet) -
                  help="Initialization(s); xavier = the paper's N(0, 1/fan_in).")
 @click.option("--samples", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Initializations per configuration.")
-@opt.seed_option
-@opt.out_dir_option("runs/q-distribution-<timestamp>")
-@opt.quiet_option
-def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
+@opt.seed_option()
+@_out("distribution")
+@opt.quiet_option()
+def distribution_cmd(configs, inits, samples, seed, out, overwrite, quiet) -> None:
     """Sample Q = Tr U^T U - 2 sum int_0^V sigma/sigma' (= Tr[U^T U - V V^T] for sigma = id)
     over initializations and compare the mean with E[Q] (eq. 46; quadrature for nonlinear sigma)."""
     from ..diagnostics.distribution import DEFAULT_CONFIGS, plot_q_distribution, q_distribution
@@ -130,7 +145,7 @@ def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
     _run_study("distribution", "distribution", out, settings,
                lambda: q_distribution(configs, inits, samples=samples, seed=seed, progress=not quiet),
                plot_q_distribution, distribution_lines,
-               "2 x eq. 47: Q = Tr U^T U - 2 sum int_0^V sigma/sigma' (eq. 46 scale)")
+               "2 x eq. 47: Q = Tr U^T U - 2 sum int_0^V sigma/sigma' (eq. 46 scale)", overwrite)
 
 
 @command.command("convergence", short_help="Figs. 6-7: loss curves from inits with chosen Q.")
@@ -145,10 +160,10 @@ def distribution_cmd(configs, inits, samples, seed, out, quiet) -> None:
         help="Gradient-descent steps [default: 20000 elementwise, 100000 radial].")
 @click.option("--threshold", type=_positive, default=None,
               help="Converged when L <= threshold * L(0) [default: 1e-4 elementwise, 1e-6 radial].")
-@opt.seed_option
-@opt.out_dir_option("runs/q-convergence-<timestamp>")
-@opt.quiet_option
-def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out, quiet) -> None:
+@opt.seed_option()
+@_out("convergence")
+@opt.quiet_option()
+def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out, overwrite, quiet) -> None:
     """Move one initialization along its symmetry orbit to each target Q (same function, same
     initial loss) and train by gradient descent; report the steps to converge per Q."""
     from ..diagnostics.convergence import convergence_elementwise, convergence_radial, plot_convergence
@@ -163,7 +178,8 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
                lambda: convergence_radial(progress=not quiet, **kw) if radial
                else convergence_elementwise(activations, progress=not quiet, **kw),
                plot_convergence, convergence_lines,
-               "radial: Q = sum_i lambda_i = Tr[U^T U + V^T V] (eqs. 70-71)" if radial else "eq. 47")
+               "radial: Q = sum_i lambda_i = Tr[U^T U + V^T V] (eqs. 70-71)" if radial else "eq. 47",
+               overwrite)
 
 
 @command.command("hessian", short_help="Fig. 9: Hessian spectra at minima vs Q; orbit dimension.")
@@ -179,10 +195,11 @@ def convergence_cmd(kind, activations, targets, lr, steps, threshold, seed, out,
               help="Dense Hessian (all eigenvalues) or Lanczos (top ones).")
 @click.option("--zero-tol", type=_positive, default=1e-3, show_default=True,
               help="|eigenvalue| <= zero-tol counts as zero.")
-@opt.seed_option
-@opt.out_dir_option("runs/q-hessian-<timestamp>")
-@opt.quiet_option
-def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, seed, out, quiet) -> None:
+@opt.seed_option()
+@_out("hessian")
+@opt.quiet_option()
+def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, seed, out, overwrite,
+                quiet) -> None:
     """Train W = U sigma(V) from inits with different Q, take the Hessian of ||Y - W||^2 at the
     end, and count the near-zero eigenvalues against the symmetry orbit dimension (Prop. C.3);
     also check eq. 83 on the one-dimensional example."""
@@ -192,7 +209,7 @@ def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, se
     kw = dict(m=m, h=h, n=n, lr=lr, steps=steps, method=method, zero_tol=zero_tol, seed=seed)
     _run_study("hessian", "hessian", out, dict(activations=activations, init_stds=init_stds, **kw),
                lambda: hessian_study(activations, init_stds, progress=not quiet, **kw), plot_hessian,
-               hessian_lines, "eq. 47 at initialization")
+               hessian_lines, "eq. 47 at initialization", overwrite)
 
 
 @command.command("teleport", short_help="Move a model along its orbit to a chosen Q or flatness.")
@@ -206,7 +223,7 @@ def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, se
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="New checkpoint (.safetensors) [default: runs/q-teleport-<timestamp>/<name>-<mode>"
               ".safetensors]; JSON and PNG are written next to it.")
-@opt.data_option
+@opt.data_option()
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Measure test loss and accuracy before and after (needs the data).")
 @click.option("--samples", type=click.IntRange(min=16), default=512, show_default=True,
@@ -217,8 +234,8 @@ def hessian_cmd(activations, init_stds, m, h, n, lr, steps, method, zero_tol, se
               help="Lanczos iterations per top-eigenvalue evaluation.")
 @click.option("--tol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
               help="Largest relative change of test loss/accuracy accepted.")
-@opt.seed_option
-@opt.quiet_option
+@opt.seed_option()
+@opt.quiet_option()
 def teleport_cmd(checkpoint, target, unit_targets, flattest, out, data, do_eval, samples, max_evals,
                  lanczos_iters, tol, seed, quiet) -> None:
     """Apply g = diag(c) to the head (V_k -> c_k V_k, b_k -> c_k b_k, U_k -> c_k^-alpha U_k):

@@ -4,16 +4,15 @@ Holds the names shared by the evaluation, the threat models, the sanity checks a
 the row labels (:data:`ORIGINAL`, :data:`WHITEBOX`, :data:`WORST`), the default grids,
 :func:`parse_eps` / :func:`format_eps`, the grid point :class:`Strength`, the evaluated
 :class:`Target`, one measured :class:`Record` with its :func:`wilson_interval`, and the
-:class:`EvaluationResult` that :func:`symensemble.evaluate` returns (:func:`load_results`
-reads one back). Importing it does not load torch.
+:class:`EvaluationResult` that :func:`symensemble.evaluate` returns
+(:func:`symensemble.robustness.report.load_results` reads one back). Importing it does not
+load torch.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..vocab import (
@@ -38,7 +37,6 @@ __all__ = [
     "Strength",
     "Target",
     "wilson_interval",
-    "load_results",
     "parse_eps",
     "format_eps",
     "ORIGINAL",
@@ -185,7 +183,7 @@ class EvaluationResult:
         probes: extra measurements the sanity checks ran (large-eps PGD, single-step
             references); not part of the requested grid.
         config: the :class:`~symensemble.robustness.config.EvalConfig` that was run (rebuilt from
-            ``settings`` for results read back from disk).
+            ``settings`` by :func:`~symensemble.robustness.report.load_results`).
         flags: per-image correctness, one bool tensor (n,) per record, keyed by
             :meth:`Record.key` (not written to disk). ANDs of these give any worst case.
     """
@@ -196,15 +194,6 @@ class EvaluationResult:
     probes: list[Record] = field(default_factory=list)
     config: EvalConfig | None = None
     flags: dict[tuple, Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.config is None and self.settings:
-            from .config import EvalConfig
-
-            try:
-                self.config = EvalConfig.from_mapping(self.settings, "results", lenient=True)
-            except ValueError:
-                self.config = None  # written by another version: the settings still read
 
     def select(self, **filters: Any) -> list[Record]:
         """Records whose fields equal every given value, e.g. ``select(transform="group")``."""
@@ -239,16 +228,3 @@ class EvaluationResult:
             "warnings": list(self.warnings),
             "probes": [r.to_dict() for r in self.probes],
         }
-
-
-def load_results(path: str | os.PathLike) -> EvaluationResult:
-    """Read a ``results.json`` written by :func:`symensemble.robustness.report.write_results`."""
-    import json
-
-    payload = json.loads(Path(path).read_text())
-    fields = Record.__dataclass_fields__
-    make = lambda d: Record(**{k: v for k, v in d.items() if k in fields})  # noqa: E731
-    return EvaluationResult(settings=payload.get("settings", {}),
-                            records=[make(r) for r in payload.get("records", [])],
-                            warnings=list(payload.get("warnings", [])),
-                            probes=[make(r) for r in payload.get("probes", [])])
