@@ -320,10 +320,9 @@ def test_non_finite_inputs_are_refused(model_and_ensemble):
     x[2, 0, 0, 0] = float("nan")
     for net in model_and_ensemble:
         for aggregate in ("vote", "mean"):
-            if isinstance(net, SymmetryEnsemble):
-                net.aggregate = aggregate
+            kw = {"aggregate": aggregate} if isinstance(net, SymmetryEnsemble) else {}
             with pytest.raises(ValueError, match="NaN or infinite.*the first is sample 2"):
-                net(x)
+                net(x, **kw)
 
 
 def test_pixel_range_inputs_warn_and_unit_range_inputs_do_not(model_and_ensemble):
