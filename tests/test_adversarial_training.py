@@ -25,8 +25,9 @@ from symensemble.training.adversarial import (
     parse_eps,
     pgd,
 )
-from symensemble.training.loop import best_path_for, log_path_for, train
+from symensemble.training.loop import train
 from symensemble.training.recipe import Recipe, RecipeError, load_recipe
+from symensemble.training.state import best_path_for, log_path_for
 
 from .conftest import SHIPPED, real_cifar_root, write_image_tree
 from .test_train import RECIPES

@@ -108,7 +108,7 @@ def test_shipped_checkpoint_loads_by_name_in_a_fresh_process():
                     reason="needs SYMENSEMBLE_DATA and the shipped checkpoint")
 def test_shipped_checkpoint_matches_its_card():
     from symensemble.data import load_cifar10
-    from symensemble.training.loop import evaluate_split
+    from symensemble.training.metrics import evaluate_split
 
     model, info = se.load_model(SHIPPED / "paper_cnn.safetensors", with_info=True)
     result = evaluate_split(model, load_cifar10(real_cifar_root()).test)

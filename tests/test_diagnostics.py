@@ -32,16 +32,15 @@ from symensemble.diagnostics.common import (
     log_spaced_steps,
     sigma_derivatives,
 )
-from symensemble.diagnostics.distribution import expected_antiderivative
-from symensemble.diagnostics.hessian import full_hessian
-from symensemble.diagnostics.teleport import (
+from symensemble.diagnostics.curvature import (
     flattest_scales,
     head_hessian_trace,
     head_top_eigenvalue,
     reduce_features,
-    scale_params,
-    unit_scales_for_q,
 )
+from symensemble.diagnostics.distribution import expected_antiderivative
+from symensemble.diagnostics.hessian import full_hessian
+from symensemble.diagnostics.teleport import scale_params, unit_scales_for_q
 from symensemble.io import to_jsonable
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation

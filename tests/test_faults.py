@@ -23,6 +23,7 @@ from symensemble.cli import main
 from symensemble.data import CIFAR10_CLASSES, DataError, load_cifar10
 from symensemble.ensembles.ensemble import SymmetryEnsemble
 from symensemble.training import loop as train_mod
+from symensemble.training import metrics as metrics_mod
 from symensemble.training.recipe import Recipe
 
 from .conftest import real_cifar_root, write_image_tree
@@ -86,7 +87,7 @@ def test_train_checks_out_is_writable_before_training(tmp_path, tree, monkeypatc
 
 def test_ctrl_c_during_train_says_resume_continues(tmp_path, tree, monkeypatch):
     calls = {"n": 0}
-    evaluate = train_mod.evaluate_split
+    evaluate = metrics_mod.evaluate_split
 
     def interrupt_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
@@ -94,11 +95,11 @@ def test_ctrl_c_during_train_says_resume_continues(tmp_path, tree, monkeypatch):
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "evaluate_split", interrupt_in_epoch_two)
+    monkeypatch.setattr(metrics_mod, "evaluate_split", interrupt_in_epoch_two)
     out, recipe = tmp_path / "m.safetensors", str(_recipe(tmp_path, epochs=3))
     res = _train_cli("--recipe", recipe, "--data", str(tree), "--out", str(out))
     assert res.exit_code == 1 and "--resume" in res.output and "epoch (1)" in res.output
-    monkeypatch.setattr(train_mod, "evaluate_split", evaluate)
+    monkeypatch.setattr(metrics_mod, "evaluate_split", evaluate)
     resumed = _train_cli("--recipe", recipe, "--data", str(tree), "--out", str(out), "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert se.load_model(out, with_info=True)[1]["epoch"] == 3

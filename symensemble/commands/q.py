@@ -247,7 +247,7 @@ def teleport_cmd(checkpoint, target, unit_targets, flattest, out, data, do_eval,
     from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..diagnostics.summary import teleport_lines
-    from ..diagnostics.teleport import teleport_checkpoint
+    from ..diagnostics.teleport_run import teleport_checkpoint
 
     try:
         run = teleport_checkpoint(checkpoint, out, total=target, per_unit=unit_targets, flattest=flattest,

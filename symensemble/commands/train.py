@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..checkpoint import CheckpointError, prepare_output, read_checkpoint
 from ..data import DataError, SplitSizeError
 from ..training.adversarial import ADVERSARIAL_METHODS
-from ..training.recipe import RecipeError, load_recipe
+from ..training.recipe import Recipe, RecipeError, load_recipe
 from ..vocab import parse_eps
 
 
@@ -88,43 +90,19 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     torchrun it trains data-parallel; only rank 0 prints and writes.
     """
     from ..distributed import distributed, is_main_process
-    from ..training.loop import (
-        DivergenceError,
-        best_path_for,
-        default_out,
-        format_metrics,
-        log_path_for,
-        resolve_device,
-        train,
-    )
+    from ..runtime import resolve_device
+    from ..training.loop import DivergenceError, train
+    from ..training.state import default_out
 
-    try:
-        recipe = load_recipe(recipe_path)
-        adversarial = recipe.adversarial.replace(method=adv_method, eps=adv_eps, alpha=adv_alpha,
-                                                 steps=adv_steps)
-        recipe = recipe.replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
-                                adversarial=adversarial)
-    except ValueError as err:  # RecipeError, or an [adversarial] override out of range
-        raise click.BadParameter(str(err), param_hint="--recipe") from None
+    recipe = _recipe_with_overrides(recipe_path, epochs, seed, lr, batch_size, adv_method, adv_eps,
+                                    adv_alpha, adv_steps)
     out = out or default_out(recipe)
     try:  # before any training: an existing or unwritable --out would lose the work
         prepare_output(out, resume=resume, overwrite=overwrite)
     except CheckpointError as err:
         raise click.BadParameter(str(err), param_hint="--out") from None
-    callbacks = []
-    if record_q:
-        from ..diagnostics import QRecorder
-
-        log_path = log_path_for(out)
-        callbacks.append(QRecorder(baseline=_first_q_total(log_path) if resume else None))
     finished: list[int] = []  # epochs this invocation finished, for the Ctrl-C hint
-    callbacks.append(lambda model, epoch, metrics: finished.append(epoch + 1))
-    if not quiet:
-        def echo(model, epoch, metrics):  # one line per epoch, from rank 0 only under torchrun
-            if is_main_process():
-                click.echo(f"epoch {epoch + 1}/{recipe.epochs}  {format_metrics(metrics)}", err=True)
-
-        callbacks.append(echo)
+    callbacks = _callbacks(recipe.epochs, out, resume, record_q, quiet, finished)
     try:
         dev = resolve_device(device)
     except ValueError as err:
@@ -146,13 +124,76 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         raise click.UsageError(str(err)) from None
     except DivergenceError as err:
         raise click.ClickException(str(err)) from None
-    if not main:
-        return
-    final = result.history[-1] if result.history else {}
+    if main:
+        _summary(result)
+
+
+def _recipe_with_overrides(recipe_path: Path, epochs: int | None, seed: int | None, lr: float | None,
+                           batch_size: int | None, adv_method: str | None, adv_eps: float | None,
+                           adv_alpha: float | None, adv_steps: int | None) -> Recipe:
+    """The recipe with the command-line overrides applied (exit 2 on a bad value).
+
+    --adv-eps/--adv-alpha/--adv-steps only tune adversarial training; on a recipe that trains
+    without it (no [adversarial] table, or method = "none") and without --adv-method they would
+    silently do nothing, so they are refused.
+    """
+    try:
+        recipe = load_recipe(recipe_path)
+        adversarial = recipe.adversarial.replace(method=adv_method, eps=adv_eps, alpha=adv_alpha,
+                                                 steps=adv_steps)
+        recipe = recipe.replace(epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                                adversarial=adversarial)
+    except ValueError as err:  # RecipeError, or an [adversarial] override out of range
+        raise click.BadParameter(str(err), param_hint="--recipe") from None
+    given = [name for name, value in (("--adv-eps", adv_eps), ("--adv-alpha", adv_alpha),
+                                      ("--adv-steps", adv_steps)) if value is not None]
+    if given and not recipe.adversarial.enabled:
+        raise click.UsageError(
+            f"{'/'.join(given)} tune adversarial training, but recipe {recipe_path} trains without it "
+            f"(adversarial method = {recipe.adversarial.method!r}"
+            f"{'' if adv_method else ': the recipe has no [adversarial] table or sets method = none'}); "
+            "add --adv-method fgsm_rs or --adv-method pgd to train adversarially, or drop "
+            f"{'/'.join(given)}"
+        )
+    return recipe
+
+
+def _callbacks(epochs: int, out: Path, resume: bool, record_q: bool, quiet: bool, finished: list[int]
+               ) -> list[Callable[..., None]]:
+    """Q recording (--record-q), the finished-epoch count for the Ctrl-C hint, one line per epoch."""
+    from ..distributed import is_main_process
+    from ..training.metrics import format_metrics
+    from ..training.state import log_path_for
+
+    callbacks: list[Callable[..., None]] = []
+    if record_q:
+        from ..diagnostics import QRecorder
+
+        callbacks.append(QRecorder(baseline=_first_q_total(log_path_for(out)) if resume else None))
+    callbacks.append(lambda model, epoch, metrics: finished.append(epoch + 1))
+    if not quiet:
+        def echo(model, epoch, metrics):  # one line per epoch, from rank 0 only under torchrun
+            if is_main_process():
+                click.echo(f"epoch {epoch + 1}/{epochs}  {format_metrics(metrics)}", err=True)
+
+        callbacks.append(echo)
+    return callbacks
+
+
+def _summary(result: Any) -> None:
+    """The closing lines: files written, and the accuracies of the weights in the checkpoint.
+
+    After a catastrophic-overfitting stop those are the restored epoch's, not the collapsed one's.
+    """
+    from ..training.state import best_path_for
+
     click.echo(f"checkpoint: {result.checkpoint}")
     click.echo(f"metrics:    {result.log_path}")
-    if final:
-        click.echo(f"test accuracy {final['test_accuracy']:.4f}  val accuracy {final['val_accuracy']:.4f}")
+    kept = result.metrics
+    if kept:
+        note = f"  ({kept['early_stop']})" if "early_stop" in kept else ""
+        click.echo(f"test accuracy {kept['test_accuracy']:.4f}  "
+                   f"val accuracy {kept['val_accuracy']:.4f}{note}")
     robust = [e for e in result.history if "val_pgd_accuracy" in e]
     if robust:
         best = max(robust, key=lambda e: e["val_pgd_accuracy"])

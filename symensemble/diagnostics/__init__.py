@@ -15,6 +15,7 @@ claim and whether the run reproduced it) and has a ``plot_*`` function writing t
 
 from .callback import QRecorder
 from .convergence import convergence_elementwise, convergence_radial, q_controlled_init
+from .curvature import flattest_scales, head_hessian_trace
 from .distribution import expected_q, q_distribution, sample_q
 from .dynamics import q_dynamics
 from .hessian import (
@@ -26,14 +27,8 @@ from .hessian import (
     one_dimensional_example,
 )
 from .inspection import head_q_summary, inspect_model
-from .teleport import (
-    TeleportRun,
-    flattest_scales,
-    head_hessian_trace,
-    teleport,
-    teleport_checkpoint,
-    unit_scales_for_q,
-)
+from .teleport import unit_scales_for_q
+from .teleport_run import TeleportRun, teleport, teleport_checkpoint
 
 __all__ = [
     "QRecorder",

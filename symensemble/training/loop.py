@@ -23,13 +23,12 @@ rank 0 writes the checkpoint and the log; logged and displayed figures are all-r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +36,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint, split_train_state
 from ..data import CIFAR10, Split, augment_batch, iterate_batches, load_cifar10
-from ..distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    batch_slice,
-    broadcast_buffers,
-    current,
-    rank_device,
-)
-from ..io import atomic_write_text
+from ..distributed import DistInfo, barrier, batch_slice, broadcast_buffers, current, rank_device
 from ..models import SymModel, create_model
-from ..runtime import eval_mode, git_revision, resolve_device
+from ..runtime import git_revision, resolve_device
 from .adversarial import RobustMonitor, TrainingAttack
 from .lookahead import Lookahead
+from .metrics import evaluate_global, global_means
 from .recipe import Recipe, RecipeError
+from .state import default_out, keep_robust_best, log_path_for, restore, write_epoch
 
-__all__ = ["train", "TrainResult", "evaluate_split", "resolve_device", "format_metrics", "Callback",
-           "DivergenceError"]
+__all__ = ["train", "TrainResult", "Callback", "DivergenceError", "training_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +78,22 @@ def _check_divergence(metrics: dict[str, Any], num_classes: int) -> None:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained model — the weights stored in ``checkpoint``.
+        history: the metrics of every epoch run (the log's ``epochs``), including an epoch whose
+            weights were discarded (catastrophic overfitting).
+        checkpoint, log_path: the files written.
+        metrics: the metrics of the weights kept in ``checkpoint``: the last epoch, or after a
+            catastrophic-overfitting stop the restored best epoch (with ``early_stop``).
+    """
+
     model: SymModel
     history: list[dict[str, Any]]
     checkpoint: Path
     log_path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -137,17 +139,6 @@ def _local_batch(x: torch.Tensor, y: torch.Tensor, info: DistInfo
     return x[part], y[part], count * info.world_size / len(y), count
 
 
-def _global_means(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, info: DistInfo
-                  ) -> tuple[float, float]:
-    """Mean loss and accuracy over the images of all ranks so far (one all-reduce under DDP)."""
-    if not info.enabled:
-        return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
-    local = torch.stack([loss_sum.double(), correct.double(),
-                         torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
-    total_loss, total_correct, total_seen = all_reduce_sum(local, info, loss_sum.device).tolist()
-    return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1)
-
-
 def _lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimizer step ``step`` (0-based) for the recipe's schedule."""
     warmup = int(recipe.warmup_epochs * steps_per_epoch)
@@ -172,47 +163,6 @@ def _build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Opti
                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-
-
-def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer state dict into tensors (safetensors) and a JSON-able remainder."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, values in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-@torch.no_grad()
-def evaluate_split(model: torch.nn.Module, split: Split, batch_size: int = 1000,
-                   amp: bool = False) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on a split (already on the model's device)."""
-    if len(split) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan")}
-    loss = torch.zeros((), dtype=torch.float64, device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
-    with eval_mode(model):
-        for x, y in iterate_batches(split, batch_size):
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-    return {"loss": loss.item() / len(split), "accuracy": correct.item() / len(split)}
 
 
 def training_loss(logits: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> torch.Tensor:
@@ -279,11 +229,11 @@ def _train_epoch(
         if progress and (i % 100 == 0 or i == steps_per_epoch - 1):  # the same steps on every rank
             bar.set_postfix(**_progress_figures(loss_sum, correct, clean_correct, seen, info, attack))
     bar.close()
-    mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
+    mean_loss, accuracy = global_means(loss_sum, correct, seen, info)
     if attack is None:
         return {"train_loss": mean_loss, "train_accuracy": accuracy}
     # Adversarial training: the loss is the adversarial objective; accuracy is reported both ways.
-    return {"train_loss": mean_loss, "train_accuracy": _global_means(loss_sum, clean_correct, seen, info)[1],
+    return {"train_loss": mean_loss, "train_accuracy": global_means(loss_sum, clean_correct, seen, info)[1],
             "train_adv_accuracy": accuracy,
             "train_eps": attack.eps_at((epoch + 1) * steps_per_epoch - 1)}
 
@@ -291,30 +241,11 @@ def _train_epoch(
 def _progress_figures(loss_sum: torch.Tensor, correct: torch.Tensor, clean_correct: torch.Tensor,
                       seen: int, info: DistInfo, attack: Any) -> dict[str, str]:
     """The tqdm postfix: global loss and accuracy (clean and adversarial when attacking)."""
-    mean_loss, accuracy = _global_means(loss_sum, correct, seen, info)
+    mean_loss, accuracy = global_means(loss_sum, correct, seen, info)
     if attack is None:
         return {"loss": f"{mean_loss:.3f}", "acc": f"{accuracy:.3f}"}
-    clean = _global_means(loss_sum, clean_correct, seen, info)[1]
+    clean = global_means(loss_sum, clean_correct, seen, info)[1]
     return {"loss": f"{mean_loss:.3f}", "clean_acc": f"{clean:.3f}", "adv_acc": f"{accuracy:.3f}"}
-
-
-def evaluate_global(model: torch.nn.Module, split: Split, batch_size: int, amp: bool,
-                    info: DistInfo) -> dict[str, float]:
-    """:func:`evaluate_split` with the split shared out over the ranks and the sums all-reduced.
-
-    Every rank must hold the same weights and buffers (see :func:`broadcast_buffers`).
-    """
-    if not info.enabled:
-        return evaluate_split(model, split, batch_size, amp)
-    part = batch_slice(len(split), info)
-    count = part.stop - part.start
-    local = evaluate_split(model, Split(split.images[part], split.labels[part]), batch_size, amp)
-    sums = torch.tensor([local["loss"] * count, round(local["accuracy"] * count), count] if count
-                        else [0.0] * 3, dtype=torch.float64)
-    loss, correct, total = all_reduce_sum(sums, info, split.labels.device).tolist()
-    if total == 0:
-        return {"loss": float("nan"), "accuracy": float("nan")}
-    return {"loss": loss / total, "accuracy": correct / total}
 
 
 @torch.no_grad()
@@ -326,36 +257,6 @@ def _clean_correct(model: SymModel, x: torch.Tensor, y: torch.Tensor, amp: bool)
         correct = (model(x).argmax(1) == y).sum()
     model.train()
     return correct
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """One readable line for an epoch's metrics."""
-    adv = ""
-    if "train_adv_accuracy" in metrics:
-        adv = f" adv acc {metrics['train_adv_accuracy']:.4f}"
-    if "val_pgd_accuracy" in metrics:
-        adv_val = f"  val pgd acc {metrics['val_pgd_accuracy']:.4f}"
-        adv_val += " (best)" if metrics.get("val_pgd_best") else ""
-        adv_val += " CATASTROPHIC OVERFITTING" if metrics.get("catastrophic_overfitting") else ""
-    else:
-        adv_val = ""
-    return (f"train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}{adv}  "
-            f"val acc {metrics['val_accuracy']:.4f}  test acc {metrics['test_accuracy']:.4f}{adv_val}  "
-            f"({metrics['epoch_seconds']:.1f} s)")
-
-
-def log_path_for(checkpoint: Path) -> Path:
-    """The per-epoch JSON log written beside a checkpoint: ``<stem>.log.json``."""
-    return checkpoint.with_name(checkpoint.stem + ".log.json")
-
-
-def best_path_for(checkpoint: Path) -> Path:
-    """The best-by-robust-validation checkpoint of an adversarial run: ``<stem>.best.safetensors``."""
-    return checkpoint.with_name(checkpoint.stem + ".best.safetensors")
-
-
-def default_out(recipe: Recipe) -> Path:
-    return Path("runs") / f"{recipe.model}-{recipe.act}-h{recipe.hidden}-seed{recipe.seed}.safetensors"
 
 
 def train(
@@ -430,6 +331,75 @@ def _init_from_data(model: SymModel, train: Split, recipe: Recipe) -> None:
     init(train.images[idx])
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs (built by :func:`_start`)."""
+
+    model: SymModel
+    opt: torch.optim.Optimizer
+    net: torch.nn.Module  # what the step calls: the model, or its DDP/compiled wrapper
+    lookahead: Lookahead | None
+    monitor: RobustMonitor | None
+    data: CIFAR10  # on the training device
+    header: dict[str, Any]  # the log's run description
+    history: list[dict[str, Any]]
+    start_epoch: int
+
+
+def _start(recipe: Recipe, data: CIFAR10, out: Path, log_path: Path, dev: torch.device, resume: bool,
+           info: DistInfo) -> _Run:
+    """Build the model and optimizer (seeded by the recipe), or restore them with ``resume``."""
+    data = CIFAR10(data.train.to(dev), data.val.to(dev), data.test.to(dev), data.classes, data.source)
+    torch.manual_seed(recipe.seed)
+    try:
+        model = create_model(recipe.model, **recipe.model_config()).to(dev)
+    except ValueError as err:
+        raise RecipeError(f"recipe model settings: {err}") from None
+    if not resume:
+        _init_from_data(model, data.train, recipe)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = _build_optimizer(model, recipe)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        start_epoch, history = restore(out, log_path, model, opt, recipe, data.source, info.world_size)
+    monitor = (RobustMonitor(recipe.adversarial, data.val.images, data.val.labels, recipe.eval_batch_size,
+                             recipe.amp and dev.type == "cuda") if recipe.adversarial.enabled else None)
+    header = {"recipe": recipe.to_dict(), "data_source": data.source, "device": str(dev),
+              "git_revision": git_revision(), "torch_version": torch.__version__}
+    if info.enabled:
+        header["world_size"] = info.world_size
+    lookahead = Lookahead(model, recipe.lookahead_alpha) if recipe.lookahead_every else None
+    return _Run(model, opt, _training_net(model, recipe, dev, info), lookahead, monitor, data, header,
+                history, start_epoch)
+
+
+def _epoch(run: _Run, recipe: Recipe, epoch: int, dev: torch.device, info: DistInfo, progress: bool,
+           callbacks: Iterable[Callback]) -> dict[str, Any]:
+    """Train one epoch, then evaluate (validation, test, robust validation) and run the callbacks."""
+    t0 = time.perf_counter()
+    steps_per_epoch = math.ceil(len(run.data.train) / recipe.batch_size)
+    metrics: dict[str, Any] = {"epoch": epoch + 1}
+    metrics.update(_train_epoch(run.model, run.opt, run.data.train, recipe, epoch, steps_per_epoch, progress,
+                                info, run.net, run.lookahead))
+    _check_divergence(metrics, run.model.head.num_classes)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    metrics["train_seconds"] = time.perf_counter() - t0
+    amp = recipe.amp and dev.type == "cuda"
+    broadcast_buffers(run.model, info)  # every rank evaluates (and rank 0 saves) rank 0's BN statistics
+    for name, split in (("val", run.data.val), ("test", run.data.test)):
+        result = evaluate_global(run.model, split, recipe.eval_batch_size, amp, info)
+        metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = result["loss"], result["accuracy"]
+    if run.monitor is not None:
+        run.monitor.update(run.model, metrics, run.history)
+    metrics["epoch_seconds"] = time.perf_counter() - t0
+    for cb in callbacks:
+        cb(run.model, epoch, metrics)
+    return metrics
+
+
 def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | None, dev: torch.device,
            resume: bool, callbacks: Iterable[Callback], progress: bool, download: bool,
            info: DistInfo) -> TrainResult:
@@ -439,150 +409,18 @@ def _train(recipe: Recipe, data: CIFAR10 | str | Path | None, out: str | Path | 
     log_path = log_path_for(out)
     if not isinstance(data, CIFAR10):
         data = load_cifar10(data, download=download, val_size=recipe.val_size, seed=recipe.split_seed)
-    train_split, val, test = data.train.to(dev), data.val.to(dev), data.test.to(dev)
-
-    torch.manual_seed(recipe.seed)
-    try:
-        model = create_model(recipe.model, **recipe.model_config()).to(dev)
-    except ValueError as err:
-        raise RecipeError(f"recipe model settings: {err}") from None
-    if not resume:
-        _init_from_data(model, train_split, recipe)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = _build_optimizer(model, recipe)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume:
-        start_epoch, history = _restore(out, log_path, model, opt, recipe, dev, info.world_size)
-    net = _training_net(model, recipe, dev, info)
-    lookahead = Lookahead(model, recipe.lookahead_alpha) if recipe.lookahead_every else None
-
-    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
-    monitor = (RobustMonitor(recipe.adversarial, val.images, val.labels, recipe.eval_batch_size,
-                             recipe.amp and dev.type == "cuda") if recipe.adversarial.enabled else None)
-    header = {"recipe": recipe.to_dict(), "data_source": data.source, "device": str(dev),
-              "git_revision": git_revision(), "torch_version": torch.__version__}
-    if info.enabled:
-        header["world_size"] = info.world_size
-    for epoch in range(start_epoch, recipe.epochs):
-        t0 = time.perf_counter()
-        metrics: dict[str, Any] = {"epoch": epoch + 1}
-        metrics.update(_train_epoch(model, opt, train_split, recipe, epoch, steps_per_epoch, progress,
-                                    info, net, lookahead))
-        _check_divergence(metrics, model.head.num_classes)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        metrics["train_seconds"] = time.perf_counter() - t0
-        amp = recipe.amp and dev.type == "cuda"
-        broadcast_buffers(model, info)  # every rank evaluates (and rank 0 saves) rank 0's BN statistics
-        for name, split in (("val", val), ("test", test)):
-            result = evaluate_global(model, split, recipe.eval_batch_size, amp, info)
-            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = result["loss"], result["accuracy"]
-        if monitor is not None:
-            monitor.update(model, metrics, history)
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        for cb in callbacks:
-            cb(model, epoch, metrics)
-        history.append(metrics)
-        saved, stop = metrics, False  # adversarial runs may keep an earlier, more robust epoch
-        if monitor is not None:
-            saved, stop = _keep_robust_best(model, out, recipe, history, data.source, info)
+    run = _start(recipe, data, out, log_path, dev, resume, info)
+    saved: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(run.start_epoch, recipe.epochs):
+        run.history.append(_epoch(run, recipe, epoch, dev, info, progress, callbacks))
+        saved, stop = run.history[-1], False  # adversarial runs may keep an earlier, more robust epoch
+        if run.monitor is not None:
+            saved, stop = keep_robust_best(run.model, out, recipe, run.history, data.source, info)
         if info.is_main:
-            _write_epoch(model, opt, out, log_path, recipe, saved, data.source,
-                         {**header, "epochs": history}, final=stop)
+            write_epoch(run.model, run.opt, out, log_path, recipe, saved, data.source,
+                        {**run.header, "epochs": run.history}, final=stop)
         if stop:
             break
     barrier(info)  # the last checkpoint exists when any rank returns
-    model.eval()
-    return TrainResult(model, history, out, log_path)
-
-
-def _write_epoch(model: SymModel, opt: torch.optim.Optimizer, out: Path, log_path: Path, recipe: Recipe,
-                 metrics: dict[str, Any], data_source: str, log_record: dict[str, Any],
-                 final: bool = False) -> None:
-    """Checkpoint (with optimizer state unless it is the last epoch) and log of a finished epoch;
-    ``final``: the run stops here early (a collapse), so the checkpoint is complete."""
-    last = final or metrics["epoch"] == recipe.epochs
-    opt_tensors, opt_meta = _optimizer_to_tensors(opt)
-    save_checkpoint(
-        model, out, recipe=recipe.to_dict(), epoch=metrics["epoch"], metrics=metrics,
-        data_source=data_source,
-        train_state=None if last else opt_tensors,
-        extra={"optimizer": None if last else opt_meta, "complete": last},
-    )
-    atomic_write_text(log_path, json.dumps(log_record, indent=2))
-    log.info("epoch %d/%d: %s", metrics["epoch"], recipe.epochs, format_metrics(metrics))
-
-
-def _keep_robust_best(model: SymModel, out: Path, recipe: Recipe, history: list[dict[str, Any]],
-                      data_source: str, info: DistInfo) -> tuple[dict[str, Any], bool]:
-    """Adversarial runs: write ``<stem>.best.safetensors`` when the robust validation accuracy
-    sets a record; on catastrophic overfitting with ``stop_on_collapse``, load the best weights
-    back into ``model`` and ask the loop to stop (Wong et al. 2020 keep the pre-collapse model).
-
-    Returns:
-        (metrics to store in the main checkpoint, whether to stop now).
-    """
-    metrics, best = history[-1], best_path_for(out)
-    if metrics["val_pgd_best"] and info.is_main:
-        save_checkpoint(model, best, recipe=recipe.to_dict(), epoch=metrics["epoch"], metrics=metrics,
-                        data_source=data_source, extra={"complete": True, "selected_by": "val_pgd_accuracy"})
-    if not (metrics["catastrophic_overfitting"] and recipe.adversarial.stop_on_collapse):
-        return metrics, False
-    barrier(info)  # rank 0 has written the best epoch before anyone reads it back
-    state, _ = split_train_state(read_checkpoint(best)[0])
-    model.load_state_dict(state)
-    kept = max((e for e in history if "val_pgd_accuracy" in e), key=lambda e: e["val_pgd_accuracy"])
-    metrics["early_stop"] = f"stopped after epoch {metrics['epoch']}; weights of epoch {kept['epoch']} kept"
-    log.warning("catastrophic overfitting: stopping after epoch %d and restoring the weights of epoch %d "
-                "(best robust validation accuracy %.4f) into %s", metrics["epoch"], kept["epoch"],
-                kept["val_pgd_accuracy"], out)
-    return {**kept, "early_stop": metrics["early_stop"]}, True
-
-
-def _restore(out: Path, log_path: Path, model: SymModel, opt: torch.optim.Optimizer,
-             recipe: Recipe, dev: torch.device, world_size: int = 1) -> tuple[int, list[dict[str, Any]]]:
-    """Load weights, optimizer state and history of an interrupted run at ``out``.
-
-    Every rank of a torchrun job loads the same file.
-    """
-    if not out.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {out} to resume from")
-    tensors, info = read_checkpoint(out)
-    # Fields added to Recipe after the checkpoint was written take their default values.
-    try:  # normalised, so a checkpoint from before a recipe field existed compares by its default
-        saved = Recipe.from_dict({**Recipe().to_dict(), **info["recipe"]}, origin=str(out)).to_dict()
-    except RecipeError:
-        saved = {**Recipe().to_dict(), **info["recipe"]}
-    if saved != recipe.to_dict():
-        diff = sorted(k for k in recipe.to_dict() if saved.get(k) != recipe.to_dict()[k])
-        raise CheckpointError(f"--resume: {out} was trained with a different recipe (differs in {diff})")
-    if info["extra"].get("complete"):
-        raise CheckpointError(
-            f"--resume: {out} is a finished run ({info['epoch']} epochs); nothing to resume"
-        )
-    state, train_state = split_train_state(tensors)
-    meta = info["extra"].get("optimizer")
-    num_params = sum(len(group["params"]) for group in opt.param_groups)
-    covered = {int(name.split(".")[1]) for name in train_state}
-    covered |= {int(i) for i in (meta or {}).get("scalars", {})}
-    if meta is None or covered != set(range(num_params)):
-        raise CheckpointError(
-            f"--resume: {out} lacks optimizer state for {num_params - len(covered)} of {num_params} "
-            "parameters (was it written by 'symensemble train'?); cannot continue the run exactly"
-        )
-    model.load_state_dict(state)
-    # CPU tensors: load_state_dict moves moments to each parameter's device but keeps Adam's
-    # `step` on the CPU, as in an uninterrupted run (a GPU `step` forces a sync every step).
-    _optimizer_from_tensors(opt, train_state, meta)
-    history: list[dict[str, Any]] = []
-    if log_path.is_file():
-        record = json.loads(log_path.read_text())
-        history = record["epochs"][: info["epoch"]]
-        if record.get("world_size", 1) != world_size:
-            log.warning("resuming a run of %d processes with %d: the per-rank augmentation streams differ, "
-                        "so the result will not equal an uninterrupted run", record.get("world_size", 1),
-                        world_size)
-    log.info("resuming %s after epoch %d", out, info["epoch"])
-    return int(info["epoch"]), history
+    run.model.eval()
+    return TrainResult(run.model, run.history, out, log_path, saved)
