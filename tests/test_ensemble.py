@@ -190,6 +190,13 @@ def test_aggregates_agree_with_member_logits():
         assert vote.shape == (13, C_DIM)
         torch.testing.assert_close(vote.sum(1), torch.ones(13))
         assert torch.equal(vote.argmax(1), torch.mode(L.argmax(-1), 0).values)
+        scaled = L / L.std(-1, keepdim=True)  # the soft vote: mean of scale-free softmaxes
+        soft = ens(x, aggregate="soft_vote").double()
+        torch.testing.assert_close(soft, scaled.softmax(-1).mean(0).log(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(ens(x), vote)  # the default output is the vote
+    xg = x.clone().requires_grad_(True)
+    st = ens(xg)
+    assert st.requires_grad and torch.equal(st.detach(), vote)  # same value with a graph
     with pytest.raises(ValueError, match="unknown aggregate"):
         ens(x, aggregate="median")
     with pytest.raises(ValueError, match="unknown aggregate"):
@@ -202,7 +209,7 @@ def test_mean_aggregate_stays_finite_when_probabilities_underflow():
     ens = ensemble(n_members=4, eps=1.0)
     ens.W.mul_(1e6)  # members with enormous logits: softmax probabilities underflow to 0
     x = images(5, seed=7).requires_grad_(True)
-    out = ens(x)
+    out = ens(x, aggregate="mean")
     assert torch.isfinite(out).all()
     with torch.no_grad():
         L = ens.member_logits(x).double()
@@ -220,7 +227,12 @@ def test_gradients_flow_through_every_member():
     for k in range(4):
         (grad,) = torch.autograd.grad(L[k].sum(), x, retain_graph=True)
         assert grad.abs().sum() > 0
-    assert not ens(x, aggregate="vote").requires_grad
+    # the vote is differentiable by straight-through: its gradient is the soft vote's (#19)
+    w = torch.randn(3, C_DIM, generator=torch.Generator().manual_seed(0))
+    (g_vote,) = torch.autograd.grad((ens(x, aggregate="vote") * w).sum(), x)
+    (g_soft,) = torch.autograd.grad((ens(x, aggregate="soft_vote") * w).sum(), x)
+    assert g_vote.abs().sum() > 0
+    torch.testing.assert_close(g_vote, g_soft, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "logit_mean"])
@@ -240,7 +252,7 @@ def test_chunking_does_not_change_results():
     for chunk in (1, 3, None):
         ens = ensemble(n_members=7, chunk_size=chunk)
         xg = x.clone().requires_grad_(True)
-        out = ens(xg)
+        out = ens(xg, aggregate="mean")
         out.logsumexp(1).sum().backward()
         with torch.no_grad():
             outs[chunk] = (out.detach(), xg.grad, ens.member_logits(x))
@@ -249,7 +261,7 @@ def test_chunking_does_not_change_results():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     tiny = ensemble(n_members=7, max_chunk_bytes=1)  # one member per chunk
     with torch.no_grad():
-        torch.testing.assert_close(tiny(x), outs[None][0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(tiny(x, aggregate="mean"), outs[None][0], atol=1e-6, rtol=1e-6)
         tiny._pointwise = False  # the (B, c, h) layout used for non-elementwise σ
         torch.testing.assert_close(tiny.member_logits(x), outs[None][2], atol=1e-6, rtol=1e-6)
 

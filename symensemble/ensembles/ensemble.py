@@ -140,7 +140,7 @@ class SymmetryEnsemble(nn.Module):
         transform: str | MemberTransform = "group",
         samples_per_member: int | None = None,
         seed: int = 0,
-        aggregate: str = "mean",
+        aggregate: str = "vote",
         *,
         ridge: float | None = None,
         max_condition: float | None = None,
@@ -385,25 +385,24 @@ class SymmetryEnsemble(nn.Module):
         """Aggregate the members' predictions by ``aggregate`` (default :attr:`aggregate`).
 
         Passing ``aggregate`` reads the ensemble through another aggregate for this call
-        only (attacks differentiate ``mean`` while accuracy is counted by ``vote``), without
-        changing the shared module. The aggregates are described in
+        only, without changing the shared module. The aggregates are described in
         :mod:`symensemble.ensembles.aggregates`:
 
+        * ``vote`` (the default): fraction of members whose argmax is each class; ``argmax``
+          gives the majority vote (ties: lowest class index). Differentiable by a
+          straight-through estimator: the value is the vote, the gradient that of
+          ``soft_vote`` — so ``torchattacks.PGD(ens)`` or ART's ``PyTorchClassifier`` attack
+          the ensemble as it is and judge success by its vote.
+        * ``soft_vote``: log of the mean scale-free member softmax (the vote's surrogate).
         * ``mean``: log of the mean member softmax, log(1/G Σ_k softmax(logits_k)) — a
-          log-probability, differentiable (computed as a log-sum-exp, so it stays finite).
-        * ``vote``: fraction of members whose argmax is each class; ``argmax`` gives the
-          majority vote (ties: lowest class index). Not differentiable (no graph is built).
+          log-probability (computed as a log-sum-exp, so it stays finite).
         * ``logit_mean``: mean member logits.
-        * ``soft_vote``: log of the mean scale-free member softmax (a surrogate of the vote).
 
         Shape:
             x (B, 3, H, W) → (B, C).
         """
         check_model_input(self.base_model, x, "SymmetryEnsemble")
         mode = check_aggregate(self._aggregate if aggregate is None else aggregate)
-        if mode == "vote":
-            with torch.no_grad():
-                return self._forward(x, mode)
         return self._forward(x, mode)
 
     def _forward(self, x: Tensor, mode: str) -> Tensor:
