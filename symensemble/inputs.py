@@ -32,38 +32,51 @@ def require_finite(x: Tensor, what: str) -> None:
     _raise_non_finite(x, what)
 
 
-def _raise_non_finite(x: Tensor, what: str) -> None:
+def _raise_non_finite(x: Tensor, what: str, offset: int = 0) -> None:
     bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1) if x.ndim else x.detach().reshape(1, 1))
     per_sample = bad.sum(1)
-    first = int(torch.nonzero(per_sample)[0, 0])
+    first = int(torch.nonzero(per_sample)[0, 0]) + offset
+    of = f"of {bad.shape[0]} samples" if not offset else f"of samples {offset}–{offset + bad.shape[0] - 1}"
     raise ValueError(
         f"{what} hold {int(per_sample.sum())} NaN or infinite values in {int((per_sample > 0).sum())} "
-        f"of {bad.shape[0]} samples (the first is sample {first}); pass finite images"
+        f"{of} (the first is sample {first}); pass finite images"
     )
 
 
-def check_model_input(model: nn.Module, x: Tensor, where: str | None = None) -> None:
+def check_model_input(model: nn.Module, x: Tensor, where: str | None = None, *,
+                      what: str | None = None, offset: int = 0) -> None:
     """Check images entering ``model`` (a SymModel, or a model an ensemble wraps).
+
+    The one input check of models, ensembles and the ensembles' calibration images.
 
     * shape (B, C, H, W) and H = W = ``model.image_size`` when the model declares one;
     * floating point — uint8 pixels must be divided by 255 first;
     * finite values (``ValueError`` naming the first bad sample);
     * a warning when the values leave ``model.input_range`` (symensemble models: [0, 1]).
 
+    Args:
+        where: who receives the images, for messages (default: the model's class name).
+        what: how the images are named in messages (default: "the images given to <where>").
+        offset: index of ``x[0]`` in a larger set checked batch by batch (sample numbers in
+            messages count from it).
+
     Raises:
         ValueError: wrong shape, size or dtype, or non-finite values.
     """
     where = where or type(model).__name__
+    named = what or f"the images given to {where}"
+    whose = f" ({what})" if what else ""
     if not isinstance(x, Tensor):
         raise ValueError(f"{where} expects an image tensor (B, C, H, W), got {type(x).__name__}")
     size = getattr(model, "image_size", None)
     if size is not None:
         if x.ndim != 4:
-            raise ValueError(f"{where} expects images of shape (B, C, {size}, {size}), got {tuple(x.shape)}")
+            raise ValueError(f"{where} expects images of shape (B, C, {size}, {size}), got "
+                             f"{tuple(x.shape)}{whose}")
         if tuple(x.shape[-2:]) != (size, size):
             raise ValueError(
                 f"{where} expects {size}x{size} images (the size it was built for), got "
-                f"{x.shape[-2]}x{x.shape[-1]}; resize or pad the images first"
+                f"{x.shape[-2]}x{x.shape[-1]}{whose}; resize or pad the images first"
             )
     if not x.is_floating_point():
         raise ValueError(
@@ -74,7 +87,7 @@ def check_model_input(model: nn.Module, x: Tensor, where: str | None = None) -> 
         return
     lo, hi = torch.stack(list(torch.aminmax(x.detach()))).tolist()  # NaN propagates into both
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        _raise_non_finite(x, f"the images given to {where}")
+        _raise_non_finite(x, named, offset)
     bounds = getattr(model, "input_range", None)
     if bounds is not None and (lo < bounds[0] - _RANGE_SLACK or hi > bounds[1] + _RANGE_SLACK):
         warnings.warn(  # a fixed text, so Python shows it once per call site, not every batch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,10 @@ __all__ = [
     "eval_mode",
     "thread_cap",
     "single_thread",
+    "available_memory",
+    "ensemble_memory",
+    "require_memory",
+    "MemoryEstimateError",
     "git_revision",
     "versions",
     "provenance",
@@ -95,6 +100,68 @@ def thread_cap(n: int) -> Iterator[None]:
 def single_thread() -> contextlib.AbstractContextManager[None]:
     """``thread_cap(1)``."""
     return thread_cap(1)
+
+
+class MemoryEstimateError(ValueError):
+    """Work refused up front: its memory estimate exceeds what the machine has available."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**28 else f"{n / 2**20:.3g} MiB"
+
+
+def ensemble_memory(num_members: int, samples_per_member: int, hidden: int, classes: int, *,
+                    calibration: bool = True, image_bytes: int = 0, backbone_bytes: int = 4
+                    ) -> dict[str, int]:
+    """Estimated peak bytes of building a symmetry ensemble, by part, and their ``total``.
+
+    The one memory estimator for member and sample sizes: G members of a width-h head with C
+    classes, s calibration images each (``calibration``), float64 members.
+
+    * ``calibration_images``: G·s images of ``image_bytes`` each (0 when the images are
+      streamed from storage the caller already holds);
+    * ``calibration_hidden``: G·s·h pre-activations, in the backbone's dtype and float64;
+    * ``members``: the stored g_k (h × h) and W_k (C × h), float64;
+    * ``draw``: scratch of drawing them at once — exp(eps·T), σ(g H_k) and its SVD, π.
+    """
+    G, s, h, C = (int(v) for v in (num_members, samples_per_member, hidden, classes))
+    per_sample = s if calibration else 0
+    parts = {
+        "calibration_images": G * per_sample * int(image_bytes),
+        "calibration_hidden": G * per_sample * h * (8 + int(backbone_bytes)),
+        "members": G * 8 * (h * h + C * h),
+        "draw": G * 8 * (4 * h * h + 2 * C * h + 6 * h * per_sample),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def require_memory(needed: int, what: str, fix: str, available: int | None = None) -> None:
+    """Refuse work whose estimate ``needed`` exceeds the available memory, before allocating.
+
+    Raises:
+        MemoryEstimateError: naming the work, the estimate, the memory available and ``fix``.
+    """
+    avail = available_memory() if available is None else available
+    if avail is not None and needed > avail:
+        raise MemoryEstimateError(
+            f"{what} needs about {_gib(needed)} of memory but only {_gib(avail)} is available; {fix}"
+        )
 
 
 def git_revision() -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ..inputs import require_finite
+from ..inputs import check_model_input
 from ..runtime import eval_mode
 from ..symmetry.heads import HeadParts
 
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_SAMPLES_PER_HIDDEN",
     "default_samples_per_member",
     "as_images",
+    "image_batches",
     "calibration_hidden",
     "add_noise",
     "check_distinct",
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 #: full cond(σ(g H_k)) ≈ 1e7 (eps = 10); s = 2h makes π a least-squares fit that costs far less
 #: clean accuracy (docs/ensembles.md, "Choosing samples_per_member": the measured table).
 DEFAULT_SAMPLES_PER_HIDDEN = 2
+#: scratch bytes of the distinctness check: members are compared a chunk at a time
+_DISTINCT_CHUNK_BYTES = 64 * 2**20
 #: the calibration noise has its own stream, so turning it on leaves the member draws unchanged
 _NOISE_SEED_OFFSET = 0x6E6F697365
 
@@ -54,7 +58,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def as_images(images: Tensor | None) -> Tensor | None:
-    """uint8 → float/255; floats kept; shape and range checks."""
+    """Check the calibration tensor's type, shape and dtype; floats are returned as they are,
+    uint8 as they are too (converted batch by batch by :func:`image_batches`, so a large
+    calibration set is never copied whole)."""
     if images is None:
         return None
     if not isinstance(images, Tensor):
@@ -64,32 +70,33 @@ def as_images(images: Tensor | None) -> Tensor | None:
             "calibration_images must be a non-empty batch (N, ...), got shape "
             f"{tuple(images.shape)}"
         )
-    if images.dtype == torch.uint8:
-        return images.float().div_(255)
-    if not torch.is_floating_point(images):
+    if images.dtype != torch.uint8 and not torch.is_floating_point(images):
         raise ValueError(f"calibration_images must be uint8 or floating point, got {images.dtype}")
-    require_finite(images, "calibration_images")
-    lo, hi = float(images.min()), float(images.max())
-    if images.ndim == 4 and (lo < -1e-6 or hi > 1 + 1e-6):
-        log.warning(
-            "calibration_images span [%.3g, %.3g]; symensemble models expect [0, 1] images and "
-            "normalize inside",
-            lo,
-            hi,
-        )
     return images
+
+
+def image_batches(images: Tensor, batch_size: int) -> Iterator[tuple[int, Tensor]]:
+    """(first index, float batch) pairs; uint8 pixels are divided by 255 per batch."""
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size]
+        yield i, (x.float().div_(255) if x.dtype == torch.uint8 else x)
 
 
 @torch.inference_mode()
 def calibration_hidden(model: nn.Module, parts: HeadParts, images: Tensor, batch_size: int = 1000
                        ) -> Tensor:
-    """Pre-activations H = V(embed(x)) of the calibration images, model in eval mode."""
+    """Pre-activations H = V(embed(x)) of the calibration images, model in eval mode.
+
+    Every batch passes the same input check as ``model(x)`` and ``ens(x)``
+    (:func:`~symensemble.inputs.check_model_input`: size, dtype, finite values, range).
+    """
     device = model_device(model)
+    out = []
     with eval_mode(model):
-        out = [
-            parts.hidden(images[i : i + batch_size].to(device))
-            for i in range(0, images.shape[0], batch_size)
-        ]
+        for i, x in image_batches(images, batch_size):
+            x = x.to(device)
+            check_model_input(model, x, "SymmetryEnsemble", what="calibration_images", offset=i)
+            out.append(parts.hidden(x))
     return torch.cat(out)
 
 
@@ -99,15 +106,24 @@ def add_noise(hidden: Tensor, std: float, seed: int) -> Tensor:
         return hidden
     noise_gen = torch.Generator().manual_seed((seed + _NOISE_SEED_OFFSET) % 2**63)
     noise = torch.randn(hidden.shape, generator=noise_gen, dtype=hidden.dtype)
-    return hidden + std * noise.to(hidden.device)
+    noisy = hidden + std * noise.to(hidden.device)
+    if not bool(torch.isfinite(noisy).all()):
+        raise ValueError(
+            f"calibration_noise={std:g} overflows the calibration pre-activations in {hidden.dtype} "
+            f"(largest finite value {torch.finfo(hidden.dtype).max:.3g}; the pre-activations are at most "
+            f"{float(hidden.abs().max()):.3g}); use a noise far below that scale, e.g. 1e-4"
+        )
+    return noisy
 
 
-def check_distinct(hidden: Tensor, s: int) -> None:
+def check_distinct(hidden: Tensor, s: int, max_bytes: int | None = None) -> None:
     """Refuse members whose calibration images give the same pre-activations.
 
     Two equal columns make σ(g H_k) rank-deficient for every g. In the backbone's precision
     "equal" means equal up to rounding (a duplicated image in another batch row differs by a
     few ulps), so columns closer than 100·eps(dtype) relative to their norm count as equal.
+    Members are compared in chunks of at most ``max_bytes`` (default 64 MiB) of (c, s, s)
+    float64 distances, never all G at once.
 
     Shape:
         hidden (G·s, h).
@@ -115,20 +131,33 @@ def check_distinct(hidden: Tensor, s: int) -> None:
     if s < 2:
         return
     G = hidden.shape[0] // s
-    Hk = hidden[: G * s].detach().to(torch.float64).view(G, s, -1)
-    dist = torch.cdist(Hk, Hk)  # (G, s, s)
+    tol = 100 * torch.finfo(hidden.dtype).eps
+    per_chunk = max(1, (max_bytes or _DISTINCT_CHUNK_BYTES) // (8 * s * s))
+    for start in range(0, G, per_chunk):
+        stop = min(G, start + per_chunk)
+        Hk = hidden[start * s : stop * s].detach().to(torch.float64).view(stop - start, s, -1)
+        rel = _relative_distances(Hk)
+        bad = torch.nonzero(rel <= tol)
+        if bad.numel():
+            k, i, j = (int(v) for v in bad[0])
+            _raise_duplicate(start + k, i, j, s, float(rel[k, i, j]))
+
+
+def _relative_distances(Hk: Tensor) -> Tensor:
+    """(c, s, s) pairwise distances of each member's columns over the larger norm; diagonal inf."""
+    s = Hk.shape[1]
+    dist = torch.cdist(Hk, Hk)
     norm = Hk.norm(dim=-1)
     scale = torch.maximum(norm.unsqueeze(-1), norm.unsqueeze(-2)).clamp_min(
         torch.finfo(torch.float64).tiny
     )
-    rel = (dist / scale).masked_fill(torch.eye(s, dtype=torch.bool), math.inf)
-    tol = 100 * torch.finfo(hidden.dtype).eps
-    bad = torch.nonzero(rel <= tol)
-    if bad.numel():
-        k, i, j = (int(v) for v in bad[0])
-        raise ValueError(
-            f"member {k}: σ(g_k H_k) is rank-deficient for every g (condition number inf): "
-            f"calibration images {k * s + i} and {k * s + j} have the same hidden "
-            f"pre-activations (relative difference {float(rel[k, i, j]):.2g}); pass distinct "
-            "calibration images, or ridge=... for a regularized solve"
-        )
+    return (dist / scale).masked_fill(torch.eye(s, dtype=torch.bool, device=Hk.device), math.inf)
+
+
+def _raise_duplicate(k: int, i: int, j: int, s: int, rel: float) -> None:
+    raise ValueError(
+        f"member {k}: σ(g_k H_k) is rank-deficient for every g (condition number inf): "
+        f"calibration images {k * s + i} and {k * s + j} have the same hidden "
+        f"pre-activations (relative difference {rel:.2g}); pass distinct "
+        "calibration images, or ridge=... for a regularized solve"
+    )

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inputs import check_model_input
-from ..runtime import thread_cap
+from ..runtime import available_memory, ensemble_memory, require_memory, thread_cap
 from ..symmetry.heads import HeadParts
 from .aggregates import AGGREGATES, check_aggregate, combine, combine_exact
 from .calibration import (
@@ -178,16 +178,31 @@ class SymmetryEnsemble(nn.Module):
         self._generator = torch.Generator().manual_seed(opts.seed)
         for name in _MEMBER_BUFFERS:
             self.register_buffer(name, None)
+        self._check_memory()
         if self.member_transform.uses_calibration:
             self.calibration_hidden = as_buffer(self._calibrate(calibration_images), model_device(model))
         with _few_threads(self.hidden_features):
             self.resample()
 
+    def _check_memory(self) -> None:
+        """Refuse, before any allocation, an ensemble whose construction cannot fit in memory."""
+        G, s = self._num_members, self._samples_per_member
+        uses = self.member_transform.uses_calibration
+        need = ensemble_memory(G, s, self.hidden_features, self.num_classes, calibration=uses)
+        per_member = max(1, need["total"] // G)
+        fits = (available_memory() or 0) // per_member
+        require_memory(
+            need["total"],
+            f"SymmetryEnsemble(num_members={G}" + (f", samples_per_member={s})" if uses else ")"),
+            f"pass fewer members (about {fits:,} fit)" + (" or a smaller samples_per_member" if uses else ""),
+        )
+
     def _calibrate(self, calibration_images: Tensor | None) -> Tensor:
         """H_k of every member's own calibration images (noise added, distinctness checked)."""
         G, s, h = self._num_members, self._samples_per_member, self.hidden_features
         needed = G * s
-        images = as_images(None if calibration_images is None else calibration_images[:needed])
+        images = as_images(calibration_images)
+        images = None if images is None else images[:needed]
         have = 0 if images is None else images.shape[0]
         if have < needed:
             raise ValueError(

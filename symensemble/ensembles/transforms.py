@@ -100,6 +100,20 @@ def _right_inverse_apply(U: Tensor, g: Tensor) -> Tensor:
     ).transpose(-1, -2)
 
 
+def _solve_pi(g: Tensor, H: Tensor, act: ActivationFn, U: Tensor, ridge: float | None):
+    """:func:`~symensemble.symmetry.pi_solver.pi_matrix` (condition only reported), with a
+    clear error where σ(g_k H_k) overflowed (enormous pre-activations or eps) instead of
+    LAPACK's non-finite-input failure."""
+    try:
+        return pi_matrix(g, H, act, U=U, ridge=ridge, max_condition=math.inf)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(
+            f"π(g_k, H_k) cannot be solved: σ(g_k H_k) is not finite in float64 (calibration "
+            f"pre-activations up to {float(H.abs().max()):.3g}, |g_k| up to {float(g.abs().max()):.3g}); "
+            f"the pre-activations (or calibration_noise) or eps are far too large ({err})"
+        ) from None
+
+
 class MemberTransform:
     """Base class: draws the members' (g_k, W_k) for a head U σ(·) with one entry point.
 
@@ -225,7 +239,7 @@ class GroupTransform(MemberTransform):
         H = self._require(hidden, num_members, h)
         g = random_gl(num_members, h, self.eps, generator)
         # the limit is enforced here, member by member, so pi_matrix only reports cond
-        pi, upper, cond = pi_matrix(g, H, act, U=U, ridge=self.ridge, max_condition=math.inf)
+        pi, upper, cond = _solve_pi(g, H, act, U, self.ridge)
         if self.ridge is None:
             limit = self.condition_limit
             for attempt in range(self.max_redraws + 1):
@@ -254,7 +268,7 @@ class GroupTransform(MemberTransform):
                     limit,
                 )
                 g[bad] = random_gl(bad.numel(), h, self.eps, generator)
-                redo = pi_matrix(g[bad], H[bad], act, U=U, max_condition=math.inf)
+                redo = _solve_pi(g[bad], H[bad], act, U, None)
                 pi[bad], upper[bad], cond[bad] = redo.pi, redo.upper, redo.condition
         return g, pi, upper, cond
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..runtime import eval_mode
 from ..symmetry.heads import HeadParts, find_head
-from .calibration import model_device
+from .calibration import image_batches, model_device
 
 __all__ = ["model_head", "check_parts", "check_composition", "parts_from_names"]
 
@@ -85,7 +85,7 @@ def check_composition(model: nn.Module, parts: HeadParts, images: Tensor | None,
     """Raise unless U(act(V(embed(x)))) equals model(x) on a few images."""
     if images is None:
         return
-    x = images[:n].to(model_device(model))
+    x = next(image_batches(images[:n], n))[1].to(model_device(model))
     try:
         with eval_mode(model):
             expected = model(x)
