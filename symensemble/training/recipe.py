@@ -218,7 +218,7 @@ def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
     candidate = Path(path_or_name).expanduser()
     if candidate.is_file():
         return candidate
-    folders = [Path(__file__).resolve().parent.parent / "recipes", Path.cwd() / "recipes"]
+    folders = [Path(__file__).resolve().parents[2] / "recipes", Path.cwd() / "recipes"]  # repo/recipes
     name = candidate.name if candidate.suffix == ".toml" else f"{candidate.name}.toml"
     for folder in folders:
         if (folder / name).is_file():
