@@ -10,7 +10,9 @@ version and git revision. Loading never unpickles anything, so a checkpoint cann
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +26,7 @@ from . import __version__
 from .io import atomic_write_bytes, atomic_write_text
 from .models import SymModel, create_model, list_models
 from .runtime import git_revision
+from .symmetry.activations import list_activations
 
 __all__ = [
     "CheckpointError",
@@ -36,6 +39,8 @@ __all__ = [
     "git_revision",
     "non_finite_tensors",
     "prepare_output",
+    "check_model_args",
+    "SAFE_MODEL_ARGS",
 ]
 
 FORMAT = "symensemble-checkpoint"
@@ -132,23 +137,15 @@ def save_checkpoint(
             f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinity "
             f"({_name_list(bad)}); the model diverged or was moved off its valid range"
         )
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_name": model.model_name,
-        "model_args": json.dumps(getattr(model, "model_args", {})),
-        "recipe": json.dumps(dict(recipe or {})),
-        "epoch": json.dumps(epoch),
-        "metrics": json.dumps(dict(metrics or {})),
-        "data_source": json.dumps(data_source),
-        "extra": json.dumps(dict(extra or {})),
-        "symensemble_version": __version__,
-        "torch_version": torch.__version__,
-        "git_revision": git_revision(),
-    }
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
+    fields = {"model_args": getattr(model, "model_args", {}), "recipe": dict(recipe or {}), "epoch": epoch,
+              "metrics": dict(metrics or {}), "data_source": data_source, "extra": dict(extra or {})}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_name": model.model_name,
+                **{key: json.dumps(value) for key, value in fields.items()},
+                "symensemble_version": __version__, "torch_version": torch.__version__,
+                "git_revision": git_revision()}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
@@ -224,6 +221,102 @@ def split_train_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
     return model_state, train_state
 
 
+#: Constructor arguments a checkpoint may hand to its model, by kind. Anything else in the
+#: metadata's ``model_args`` is refused before a model is built: a checkpoint must never name a
+#: file for a constructor to read (e.g. ``timm_kwargs.checkpoint_path``) or free text to act on.
+#: A new model argument that checkpoints must carry is added here.
+SAFE_MODEL_ARGS: dict[str, str] = {
+    "hidden": "int", "num_classes": "int", "channels": "int", "image_size": "int", "whiten_size": "int",
+    "conv_slope": "number", "drop_rate": "number", "whiten_eps": "number", "bn_momentum": "number",
+    "dirac": "bool", "tta_flip": "bool", "input_mean": "numbers", "input_std": "numbers", "widths": "ints",
+    "act": "activation", "act_kwargs": "table:act", "timm_kwargs": "table:timm",
+}
+_SAFE_TABLES: dict[str, dict[str, str]] = {
+    "act": {"negative_slope": "number", "linear_coef": "number", "shift": "number", "profile": "word"},
+    "timm": {"img_size": "ints_or_int", "patch_size": "int", "drop_path_rate": "number", "in_chans": "int",
+             "embed_dim": "int", "depth": "int", "num_heads": "int", "mlp_ratio": "number",
+             "qkv_bias": "bool", "class_token": "bool"},
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+_KIND_CHECKS: dict[str, Any] = {
+    "int": _is_int,
+    "number": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "numbers": lambda v: isinstance(v, list) and len(v) <= 16 and all(_is_number(x) for x in v),
+    "ints": lambda v: isinstance(v, list) and len(v) <= 16 and all(_is_int(x) for x in v),
+    "ints_or_int": lambda v: _is_int(v) or (isinstance(v, list) and len(v) <= 3
+                                            and all(_is_int(x) for x in v)),
+    "word": lambda v: isinstance(v, str) and re.fullmatch(r"[a-z][a-z0-9_]{0,31}", v) is not None,
+    "activation": lambda v: isinstance(v, str) and v in list_activations(),
+}
+
+
+def check_model_args(args: Mapping[str, Any], where: str) -> None:
+    """Refuse constructor arguments outside :data:`SAFE_MODEL_ARGS` (names, and kinds of values).
+
+    Raises:
+        CheckpointError: an argument not on the allow-list (e.g. a file path), or a value of the
+            wrong kind; the message names it.
+    """
+    def refuse(name: str, value: Any, expected: str) -> CheckpointError:
+        return CheckpointError(
+            f"{where}: model argument {name} = {value!r} is not allowed in a checkpoint ({expected}); "
+            "checkpoints may only carry the model settings of a recipe, never paths — "
+            "the file was not written by symensemble or was altered"
+        )
+
+    for name, value in args.items():
+        kind = SAFE_MODEL_ARGS.get(name)
+        if kind is None:
+            raise refuse(name, value, f"allowed: {sorted(SAFE_MODEL_ARGS)}")
+        if kind.startswith("table:"):
+            table = _SAFE_TABLES[kind.removeprefix("table:")]
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise refuse(name, value, "expected a table")
+            for key, item in value.items():
+                if key not in table:
+                    raise refuse(f"{name}.{key}", item, f"allowed in {name}: {sorted(table)}")
+                if not _KIND_CHECKS[table[key]](item):
+                    raise refuse(f"{name}.{key}", item, f"expected {table[key]}")
+        elif not _KIND_CHECKS[kind](value):
+            raise refuse(name, value, f"expected {kind}")
+
+
+def _check_weights(path: str, name: str, state: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> None:
+    """Compare the stored tensors with the model the metadata describes, built on the meta
+    device (no memory: a metadata ``hidden = 10**9`` never reaches the allocator): the same
+    names, shapes, and floating-point weights where the model has floating-point weights."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            expected = create_model(name, **args).state_dict()
+    except (ValueError, TypeError, RuntimeError, OverflowError, NotImplementedError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild model {name!r}: {err}") from None
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    common = set(state) & set(expected)
+    wrong = sorted(k for k in common if state[k].shape != expected[k].shape)
+    dtype = sorted(k for k in common if expected[k].is_floating_point() != state[k].is_floating_point())
+    if missing or unexpected or wrong or dtype:
+        detail = "; ".join(
+            f"{label}: {_name_list(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                                ("wrong dtype (floating-point weights expected)", dtype))
+            if keys
+        )
+        raise CheckpointError(f"{path}: weights do not match model {name!r} ({detail})")
+
+
 def load_model(
     path_or_name: str | os.PathLike = "paper_cnn",
     device: str | torch.device = "cpu",
@@ -247,28 +340,19 @@ def load_model(
             f"{info['path']} describes model {name!r}, which is not registered "
             f"(known: {list_models()})"
         )
-    try:
-        model = create_model(name, **info["model_args"])
-    except ValueError as err:
-        raise CheckpointError(f"{info['path']}: cannot rebuild model {name!r}: {err}") from None
+    check_model_args(info["model_args"], info["path"])
     state, _ = split_train_state(tensors)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{label}: {_name_list(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        )
-        raise CheckpointError(f"{info['path']}: weights do not match model {name!r} ({detail})")
+    _check_weights(info["path"], name, state, info["model_args"])
     bad = non_finite_tensors(state)
     if bad:  # refused, not warned: NaN logits argmax to class 0 and give silent wrong accuracies
         raise CheckpointError(
             f"{info['path']}: {len(bad)} weight tensor(s) hold NaN or infinity ({_name_list(bad)}); "
             "the run that wrote it diverged — retrain or use an earlier checkpoint"
         )
+    try:
+        model = create_model(name, **info["model_args"])
+    except ValueError as err:
+        raise CheckpointError(f"{info['path']}: cannot rebuild model {name!r}: {err}") from None
     model.load_state_dict(state)
     model.to(device).eval()
     return (model, info) if with_info else model

@@ -122,3 +122,78 @@ def test_git_revision_format():
     from symensemble.checkpoint import git_revision
 
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", git_revision())
+
+
+# --- issue 20: metadata cannot make load_model read files, allocate blindly or load garbage -----
+
+def _tampered(tmp_path, model, name: str, *, model_name: str | None = None, args: dict | None = None,
+              cast: torch.dtype | None = None):
+    """A copy of ``model``'s checkpoint with its metadata or weight dtype altered."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    src = save_checkpoint(model, tmp_path / "src.safetensors")
+    with safe_open(str(src), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    tensors = load_file(str(src))
+    if model_name is not None:
+        meta["model_name"] = model_name
+    if args is not None:
+        meta["model_args"] = json.dumps(args)
+    if cast is not None:
+        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, tmp_path / name, metadata=meta)
+    return tmp_path / name
+
+
+def test_metadata_cannot_name_a_file_for_the_constructor(tmp_path, model, monkeypatch):
+    secret = tmp_path / "weights.pt"
+    torch.save({"x": torch.ones(1)}, secret)
+    opened = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a) or {})
+    path = _tampered(tmp_path, model, "evil.safetensors", model_name="resnet18",
+                     args={"hidden": 4, "timm_kwargs": {"checkpoint_path": str(secret)}})
+    with pytest.raises(CheckpointError, match=r"timm_kwargs\.checkpoint_path .* is not allowed.*never paths"):
+        se.load_model(path)
+    assert opened == []  # refused from the metadata alone
+    for args, bad in [({"hidden": 4, "act": "/etc/passwd"}, "act"),
+                      ({"hidden": 4, "pretrained_file": "x.pt"}, "pretrained_file"),
+                      ({"hidden": 4, "act_kwargs": {"profile": "../x"}}, "act_kwargs.profile"),
+                      ({"hidden": "4"}, "hidden")]:
+        with pytest.raises(CheckpointError, match=f"model argument {bad} = .* is not allowed"):
+            se.load_model(_tampered(tmp_path, model, "bad.safetensors", args=args))
+
+
+def test_metadata_shapes_are_checked_before_the_model_is_built(tmp_path, model, monkeypatch):
+    import symensemble.checkpoint as ckpt
+
+    huge = {"hidden": 10**9, "act": "tanh", "channels": 2}
+    path = _tampered(tmp_path, model, "huge.safetensors", args=huge)
+    real = ckpt.create_model
+    built_for_real = []
+
+    def watch(name, **kwargs):  # a real (non-meta) build would allocate 10**9 x 512 floats
+        built_for_real.append(torch.empty(0).device.type != "meta")
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(ckpt, "create_model", watch)
+    with pytest.raises(CheckpointError, match=r"do not match model 'paper_cnn' \(wrong shape: .*head\.V"):
+        se.load_model(path)
+    assert built_for_real == [False]  # only the shape skeleton on the meta device
+
+
+def test_non_float_weights_are_refused(tmp_path, model):
+    path = _tampered(tmp_path, model, "int.safetensors", cast=torch.int32)
+    with pytest.raises(CheckpointError, match=r"wrong dtype \(floating-point weights expected\): .*conv"):
+        se.load_model(path)
+    half = _tampered(tmp_path, model, "half.safetensors", cast=torch.float16)  # a float dtype still loads
+    assert se.load_model(half).conv.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (SHIPPED.parent / "recipes").glob("*.toml")
+                                           if not p.stem.startswith("paper_fig")))  # fig*: attack configs
+def test_every_shipped_recipe_writes_allowed_model_args(recipe):
+    from symensemble.checkpoint import check_model_args
+    from symensemble.training.recipe import load_recipe
+
+    check_model_args(load_recipe(SHIPPED.parent / "recipes" / f"{recipe}.toml").model_config(), recipe)
