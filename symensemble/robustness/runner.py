@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,6 +92,18 @@ class Runner:
         with torch.no_grad():
             return target.module(x).argmax(dim=1)
 
+    @staticmethod
+    def _judge(target: Target) -> Callable[[Tensor], Tensor] | None:
+        """How attacks with early stop see a target's verdict: its own prediction (the vote).
+
+        ``None`` for a plain deterministic model, whose prediction is the argmax of the logits
+        the attack already computes. A stochastic target draws members from its own stream
+        (no reseed inside an attack); the runner's final check still decides.
+        """
+        if not (hasattr(target.module, "aggregate") or target.stochastic):
+            return None
+        return lambda images: target.module(images).argmax(dim=1)
+
     def _clean(self, target: Target, x: Tensor, y: Tensor, batch_index: int) -> Tensor:
         key = (batch_index, target.key)
         if key not in self._clean_cache:
@@ -120,8 +133,8 @@ class Runner:
             if src_key not in adversarial:
                 seed = derive_seed(self.config.seed, strength.key, batch_index, src_key)
                 self._reseed(measure.target.module if stochastic else src_module, seed)
-                [adversarial[src_key]] = attack(src_module, x, y, eps=strength.eps,
-                                                seed=seed % (2**31), stochastic=stochastic)
+                [adversarial[src_key]] = attack(src_module, x, y, eps=strength.eps, seed=seed,
+                                                stochastic=stochastic)
             pred = self._predict(measure.target, adversarial[src_key], strength.key, batch_index,
                                  src_key)
             rows.append(pred == y)
@@ -170,7 +183,7 @@ class Runner:
             if target.stochastic:
                 self._reseed(target.module, seed)
             candidates = attack(target.module, x[idx], y[idx], eps=strength.eps, seed=seed,
-                                stochastic=target.stochastic)
+                                stochastic=target.stochastic, judge=self._judge(target))
         ok = torch.ones(idx.numel(), dtype=torch.bool, device=y.device)
         for r, adv in enumerate(candidates):
             ok &= self._predict(target, adv, strength.key, batch_index, attack.name, r) == y[idx]

@@ -5,16 +5,18 @@
   aggregate (:class:`~.surrogates.AggregateView`), ``restarts`` random starts.
 * ``apgd-softvote`` — APGD-CE on the soft-vote surrogate (:class:`~.surrogates.SoftVote`).
 
-The portfolio's APGD keeps the highest-loss point for images its surrogate could not fool —
-that point can still flip the vote — where torchattacks would return the clean image.
+The portfolio's APGD is our own (:mod:`.apgd_core`, Croce & Hein 2020) with early stop: an
+image leaves the batch the moment the target's own scoring (the vote) misclassifies it. For
+images it could not break it returns the highest-loss point, where torchattacks would return
+the clean image.
 """
 
 from __future__ import annotations
 
 import torch
 import torchattacks
-from torch import Tensor
 
+from .apgd_core import apgd
 from .registry import Attack, GridAttack, Option, register_attack
 from .surrogates import AggregateView, SoftVote
 
@@ -37,18 +39,12 @@ class APGD(GridAttack):
                                  eot_iter=self.eot_iter if stochastic else 1)
 
 
-class _BestAPGD(torchattacks.APGD):
-    """torchattacks' APGD, one run, returning the best adversarial or highest-loss point."""
-
-    def run(self, x: Tensor, y: Tensor) -> Tensor:
-        x_best, acc, _, x_best_adv = self.attack_single_run(x.clone(), y.clone())
-        fooled = (acc == 0).view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(fooled, x_best_adv, x_best).detach()
-
-
 @register_attack
 class APGDCE(Attack):
-    """Portfolio APGD on the cross-entropy of the target's differentiable aggregate."""
+    """Portfolio APGD (:func:`~.apgd_core.apgd`) on the cross-entropy of the target's
+    differentiable aggregate, ``restarts`` runs; each restart tries only the images every
+    earlier one left robust. Returns one candidate: the first iterate the target's own
+    scoring (``judge``) misclassified, else the last run's highest-loss point."""
 
     name = "apgd-ce"
     kind = "portfolio"
@@ -58,6 +54,8 @@ class APGDCE(Attack):
                    minimum=1)
     restarts = Option(1, "Portfolio: random restarts of each adaptive APGD.", field="restarts",
                       minimum=1)
+    early_stop = Option(True, "Portfolio: adaptive APGD drops an image the moment the target "
+                              "misclassifies it (same records, less time).", field="early_stop")
     attack_aggregate = Option("mean", "differentiable aggregate of an ensemble target",
                               field="attack_aggregate", external=True)
 
@@ -67,15 +65,25 @@ class APGDCE(Attack):
             return SoftVote(model)
         return AggregateView.of(model, self.attack_aggregate)
 
-    def craft(self, model, x, y, *, eps, seed, stochastic, generator):
-        view, out = self.view(model), []
-        for r in range(self.restarts):
-            torch.manual_seed((seed + r) % (2**63))
-            attack = _BestAPGD(view, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
-                               seed=(seed + r) % (2**31), loss=self.loss,
-                               eot_iter=self.eot_iter if stochastic else 1)
-            out.append(attack.run(x, y))
-        return out
+    def runs(self, model, x, y, *, seed, stochastic, judge, eps, targets=(None,)):
+        """``restarts`` APGD runs per target class (``None``: untargeted), each on the images
+        every earlier run left unbroken; (adversarial images, broken flags)."""
+        view, eot = self.view(model), self.eot_iter if stochastic else 1
+        adv, broken = x.clone(), torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        for k, target in enumerate(t for t in targets for _ in range(self.restarts)):
+            todo = (~broken).nonzero().flatten()
+            if todo.numel() == 0:
+                break
+            gen = torch.Generator(device=x.device).manual_seed((seed + k) % (2**63))
+            found, fooled = apgd(view, x[todo], y[todo], eps=eps, steps=self.steps,
+                                 loss=self.loss, generator=gen, eot_iter=eot, judge=judge,
+                                 target=None if target is None else target[todo],
+                                 early_stop=self.early_stop)
+            adv[todo], broken[todo] = found, fooled
+        return adv, broken
+
+    def craft(self, model, x, y, *, eps, seed, stochastic, generator, judge):
+        return [self.runs(model, x, y, seed=seed, stochastic=stochastic, judge=judge, eps=eps)[0]]
 
 
 @register_attack

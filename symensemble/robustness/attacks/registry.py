@@ -152,8 +152,8 @@ class Attack:
         return True
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, seed: int = 0,
-                 stochastic: bool = False, generator: torch.Generator | None = None
-                 ) -> list[Tensor]:
+                 stochastic: bool = False, generator: torch.Generator | None = None,
+                 judge: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
         """Candidate adversarial images for (x, y): one per restart.
 
         Args:
@@ -164,6 +164,8 @@ class Attack:
                 torch's global generator, as torchattacks does).
             stochastic: ``model`` redraws randomness on every forward (use EOT).
             generator: a generator to draw from instead (training's per-epoch stream).
+            judge: images → labels as the target is scored (the vote, for an ensemble);
+                attacks with early stop drop an image once it disagrees with ``y``.
 
         Raises:
             ValueError: images outside [0, 1], labels of the wrong shape, eps outside [0, 1].
@@ -171,10 +173,12 @@ class Attack:
         _check_inputs(self.name, x, y, eps)
         with _model_mode(model, self.mode):
             return self.craft(model, x, y, eps=float(eps), seed=int(seed), stochastic=stochastic,
-                              generator=generator)
+                              generator=generator, judge=judge)
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, seed: int,
-              stochastic: bool, generator: torch.Generator | None) -> list[Tensor]:
+              stochastic: bool, generator: torch.Generator | None,
+              judge: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
+        """The attack itself (inputs already checked, model in :attr:`mode`)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -303,5 +307,7 @@ class GridAttack(Attack):
         """The configured torchattacks attack on ``model`` (images in [0, 1] → logits)."""
         raise NotImplementedError
 
-    def craft(self, model, x, y, *, eps, seed, stochastic, generator):
-        return [self.build(model, eps=eps, seed=seed, stochastic=stochastic)(x, y).detach()]
+    def craft(self, model, x, y, *, eps, seed, stochastic, generator, judge):
+        torch.manual_seed(seed % (2**63))  # torchattacks draws random starts from torch's RNG
+        attack = self.build(model, eps=eps, seed=seed % (2**31), stochastic=stochastic)
+        return [attack(x, y).detach()]
