@@ -34,6 +34,7 @@ _EXPORTS = {
     "train": "symensemble.training.loop",
     "DivergenceError": "symensemble.training.loop",
     "SymmetryEnsemble": "symensemble.ensembles.ensemble",
+    "locate_head": "symensemble.ensembles.locate",
     "HeadParts": "symensemble.symmetry.heads",
     "TRANSFORMS": "symensemble.ensembles.ensemble",
     "evaluate": "symensemble.robustness.evaluation",

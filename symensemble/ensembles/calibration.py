@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inputs import check_model_input
-from ..runtime import eval_mode
+from ..runtime import available_memory, ensemble_memory, eval_mode, require_memory
 from ..symmetry.heads import HeadParts
 
 __all__ = [
@@ -98,6 +98,53 @@ def calibration_hidden(model: nn.Module, parts: HeadParts, images: Tensor, batch
             check_model_input(model, x, "SymmetryEnsemble", what="calibration_images", offset=i)
             out.append(parts.hidden(x))
     return torch.cat(out)
+
+
+def member_images(images: Tensor | None, num_members: int, samples: int, transform: str, hidden: int
+                  ) -> Tensor:
+    """The first G·s calibration images (checked), or a ValueError saying how many are needed."""
+    needed = num_members * samples
+    images = as_images(images)
+    have = 0 if images is None else images.shape[0]
+    if images is None or have < needed:
+        raise ValueError(
+            f"transform {transform!r} with num_members={num_members} and "
+            f"samples_per_member={samples} needs at least {needed} "
+            f"calibration images (member k uses images [k·s, (k+1)·s)), got {have}; pass "
+            "more images, fewer members or a smaller samples_per_member"
+        )
+    if samples > hidden:
+        log.info("samples_per_member=%d > h=%d: π is a least-squares fit and members no longer "
+                 "reproduce the model exactly on their calibration images", samples, hidden)
+    return images[:needed]
+
+
+def check_ensemble_memory(num_members: int, samples: int, hidden: int, classes: int,
+                          keeps_hidden: bool) -> None:
+    """Refuse, before any allocation, an ensemble whose construction cannot fit in memory
+    (:func:`~symensemble.runtime.ensemble_memory`; ``keeps_hidden``: H_k of every member kept)."""
+    need = ensemble_memory(num_members, samples, hidden, classes, calibration=keeps_hidden)
+    fits = (available_memory() or 0) // max(1, need["total"] // num_members)
+    require_memory(
+        need["total"],
+        f"SymmetryEnsemble(num_members={num_members}"
+        + (f", samples_per_member={samples})" if keeps_hidden else ")"),
+        f"pass fewer members (about {fits:,} fit)"
+        + (" or a smaller samples_per_member" if keeps_hidden else ""),
+    )
+
+
+def log_conditions(condition: Tensor | None, transform: str, members: int, eps: float, samples: int
+                   ) -> None:
+    """Log the spread of cond(σ(g_k H_k)) of a draw (members above 1e12 lose exactness)."""
+    if condition is None:
+        return
+    c = condition
+    log.info(
+        "%s ensemble: %d members, eps=%g, s=%d; cond(σ(g_k H_k)) median %.3g, max %.3g; "
+        "%d members above 1e12 reproduce their calibration logits only to ~cond·1e-16",
+        transform, members, eps, samples, float(c.median()), float(c.max()), int((c > 1e12).sum()),
+    )
 
 
 def add_noise(hidden: Tensor, std: float, seed: int) -> Tensor:

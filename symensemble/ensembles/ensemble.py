@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inputs import check_model_input
-from ..runtime import available_memory, ensemble_memory, require_memory, thread_cap
+from ..runtime import thread_cap
 from ..symmetry.heads import HeadParts
 from .aggregates import AGGREGATES, check_aggregate, combine, combine_exact
 from .calibration import (
@@ -49,11 +49,16 @@ from .calibration import (
     as_images,
     calibration_hidden,
     check_distinct,
+    check_ensemble_memory,
     default_samples_per_member,
+    log_conditions,
+    member_images,
     model_device,
 )
-from .members import as_buffer, chunk_slices, is_pointwise, member_bytes, run_members
+from .locate import locate_head
+from .members import as_buffer, chunk_slices, is_pointwise, member_bytes, positions_as_rows, run_members
 from .options import DEFAULT_CHUNK_BYTES, EnsembleOptions
+from .spatial import spatial_group_draw
 from .transforms import TRANSFORMS, MemberDraw, MemberTransform, create_transform
 from .wiring import check_composition as verify_composition
 from .wiring import check_parts, model_head, parts_from_names
@@ -178,49 +183,27 @@ class SymmetryEnsemble(nn.Module):
         self._generator = torch.Generator().manual_seed(opts.seed)
         for name in _MEMBER_BUFFERS:
             self.register_buffer(name, None)
-        self._check_memory()
-        if self.member_transform.uses_calibration:
-            self.calibration_hidden = as_buffer(self._calibrate(calibration_images), model_device(model))
+        self._calibration_images: Tensor | None = None  # spatial heads: streamed on each draw
+        self._prepare_calibration(calibration_images)
         with _few_threads(self.hidden_features):
             self.resample()
 
-    def _check_memory(self) -> None:
-        """Refuse, before any allocation, an ensemble whose construction cannot fit in memory."""
-        G, s = self._num_members, self._samples_per_member
-        uses = self.member_transform.uses_calibration
-        need = ensemble_memory(G, s, self.hidden_features, self.num_classes, calibration=uses)
-        per_member = max(1, need["total"] // G)
-        fits = (available_memory() or 0) // per_member
-        require_memory(
-            need["total"],
-            f"SymmetryEnsemble(num_members={G}" + (f", samples_per_member={s})" if uses else ")"),
-            f"pass fewer members (about {fits:,} fit)" + (" or a smaller samples_per_member" if uses else ""),
-        )
-
-    def _calibrate(self, calibration_images: Tensor | None) -> Tensor:
-        """H_k of every member's own calibration images (noise added, distinctness checked)."""
-        G, s, h = self._num_members, self._samples_per_member, self.hidden_features
-        needed = G * s
-        images = as_images(calibration_images)
-        images = None if images is None else images[:needed]
-        have = 0 if images is None else images.shape[0]
-        if have < needed:
-            raise ValueError(
-                f"transform {self.transform!r} with num_members={G} and "
-                f"samples_per_member={s} needs at least {needed} "
-                f"calibration images (member k uses images [k·s, (k+1)·s)), got {have}; pass "
-                "more images, fewer members or a smaller samples_per_member"
-            )
-        if s > h:
-            log.info(
-                "samples_per_member=%d > h=%d: π is a least-squares fit and members no longer "
-                "reproduce the model exactly on their calibration images", s, h,
-            )
+    def _prepare_calibration(self, calibration_images: Tensor | None) -> None:
+        """Check memory and images; dense heads keep H_k (noise added, distinctness checked)."""
+        G, s, uses = self._num_members, self._samples_per_member, self.member_transform.uses_calibration
+        check_ensemble_memory(G, s, self.hidden_features, self.num_classes,
+                              uses and not self._parts.spatial)
+        if not uses:
+            return
+        images = member_images(calibration_images, G, s, self.transform, self.hidden_features)
+        if self._parts.spatial:
+            self._calibration_images = images
+            return
         hidden = add_noise(calibration_hidden(self.base_model, self._parts, images),
                            self.calibration_noise, self.seed)
         if getattr(self.member_transform, "ridge", None) is None:
             check_distinct(hidden, s)
-        return hidden
+        self.calibration_hidden = as_buffer(hidden, model_device(self.base_model))
 
     # ----------------------------------------------------------------------------------------
     # Construction helpers
@@ -267,6 +250,32 @@ class SymmetryEnsemble(nn.Module):
             sample = None if calibration_images is None else calibration_images[:8]
             verify_composition(model, parts, as_images(sample))
         return cls(model, calibration_images, head=parts, _head_checked=True, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, calibration_images: Tensor | None, *, hidden: Any = "auto",
+                   act: Any = "auto", pool: str = "auto", classifier: Any = "auto", **kwargs: Any
+                   ) -> SymmetryEnsemble:
+        """Wrap any classifier ending in Z → σ → (global average pooling) → Linear.
+
+        The head is found by :func:`~symensemble.ensembles.locate.locate_head` (``hidden``,
+        ``act``, ``pool``, ``classifier`` as there) and checked on a few calibration images.
+        For a spatial head π is solved on pooled features (:mod:`symensemble.ensembles.spatial`),
+        members are evaluated in float32 (``head_dtype``; pooling keeps them well conditioned)
+        and s defaults to 2C. ``**kwargs``: the constructor's other arguments.
+
+        Example:
+            >>> ens = SymmetryEnsemble.from_model(torchvision_resnet, train_images[:50 * 1024],
+            ...                                   num_members=50, eps=1.0)
+        """
+        if calibration_images is None:
+            raise ValueError("from_model needs calibration_images (a few are used to check the head)")
+        spec = locate_head(model, calibration_images, hidden=hidden, act=act, pool=pool,
+                           classifier=classifier)
+        log.info("%s", spec)
+        kwargs.setdefault("head_dtype", torch.float32 if spec.parts.spatial else torch.float64)
+        check_parts(model, spec.parts, getattr(kwargs.get("transform", "group"), "name",
+                                                kwargs.get("transform", "group")))
+        return cls(model, calibration_images, head=spec.parts, _head_checked=True, **kwargs)
 
     # ----------------------------------------------------------------------------------------
     # Public attributes
@@ -335,29 +344,26 @@ class SymmetryEnsemble(nn.Module):
         """
         if seed is not None:
             self._generator.manual_seed(int(seed))
-        U64 = self._parts.params(device="cpu").U
-        hidden = None
-        if self.member_transform.uses_calibration:
-            G, s, h = self._num_members, self._samples_per_member, self.hidden_features
-            hidden = self.calibration_hidden.to("cpu").view(G, s, h).transpose(1, 2)
-        draw = self.member_transform.draw(U64, self._parts.act, self._num_members, self._generator, hidden)
+        G, s, h = self._num_members, self._samples_per_member, self.hidden_features
+        if self._calibration_images is not None:  # a spatial head: π on pooled features
+            draw = spatial_group_draw(self.base_model, self._parts, self._calibration_images,
+                                      self.member_transform, G, s, self._generator, self.head_dtype)
+        else:
+            U64 = self._parts.U.weight.detach().to("cpu", torch.float64)
+            hidden = None
+            if self.member_transform.uses_calibration:
+                hidden = self.calibration_hidden.to("cpu").view(G, s, h).transpose(1, 2)
+            draw = self.member_transform.draw(U64, self._parts.act, G, self._generator, hidden)
         self._store(draw)
-        if draw.condition is not None:
-            c = draw.condition
-            log.info(
-                "%s ensemble: %d members, eps=%g, s=%d; cond(σ(g_k H_k)) median %.3g, max %.3g; "
-                "%d members above 1e12 reproduce their calibration logits only to ~cond·1e-16",
-                self.transform, self._num_members, self.eps, self._samples_per_member,
-                float(c.median()), float(c.max()), int((c > 1e12).sum()),
-            )
+        log_conditions(draw.condition, self.transform, G, self.eps, s)
         return self
 
     def _store(self, draw: MemberDraw) -> None:
         device = model_device(self.base_model)
-        bias = self._parts.params(dtype=None).b_U
+        bias = self._parts.U.bias
         self.g = as_buffer(draw.g, device)
         self.W = as_buffer(draw.W, device)
-        self.b = as_buffer(torch.zeros(self.num_classes) if bias is None else bias, device)
+        self.b = as_buffer(torch.zeros(self.num_classes) if bias is None else bias.detach(), device)
         self.condition = None if draw.condition is None else as_buffer(draw.condition, device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SymmetryEnsemble:
@@ -376,10 +382,11 @@ class SymmetryEnsemble(nn.Module):
     def _run(self, H: Tensor, reduce: Callable[[Tensor], Tensor]) -> list[Tensor]:
         """Apply ``reduce`` to each chunk's (c, C, B) logits; checkpointed under autograd."""
         dt = self.head_dtype
-        per_member = member_bytes(H.shape[0], self.hidden_features, self.num_classes, dt)
+        rows, P = positions_as_rows(H)
+        per_member = member_bytes(H.shape[0], self.hidden_features, self.num_classes, dt, P)
         chunks = chunk_slices(self._num_members, per_member, self.chunk_size, self.max_chunk_bytes)
         members = (self.g.to(dt), self.W.to(dt), self.b.to(dt))
-        return run_members(self._parts.act, self._pointwise, H.to(dt), members, chunks, reduce)
+        return run_members(self._parts.act, self._pointwise, rows.to(dt), members, chunks, reduce, P)
 
     def member_logits(self, x: Tensor) -> Tensor:
         """Every member's logits, differentiable with respect to x.

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..runtime import eval_mode
 from ..symmetry.heads import HeadParts, find_head
 from .calibration import image_batches, model_device
+from .members import is_pointwise
 
 __all__ = ["model_head", "check_parts", "check_composition", "parts_from_names"]
 
@@ -60,7 +61,8 @@ def _check_activation(act: Callable[[Tensor], Tensor], h: int) -> None:
 
 def check_parts(model: nn.Module, parts: HeadParts, transform: str) -> None:
     """Refuse heads the transforms cannot act on, with what was expected."""
-    for label, layer in (("V", parts.V), ("U", parts.U)):
+    layers = (("U", parts.U),) if parts.V is None else (("V", parts.V), ("U", parts.U))
+    for label, layer in layers:
         if not isinstance(layer, nn.Linear):
             raise ValueError(
                 f"transform {transform!r} acts on a Linear → activation → Linear head, but {label} "
@@ -70,7 +72,10 @@ def check_parts(model: nn.Module, parts: HeadParts, transform: str) -> None:
             raise ValueError(
                 f"{label} must be a submodule of the model (so it moves and saves with it)"
             )
-    if parts.U.in_features != parts.V.out_features:
+    if parts.spatial and not is_pointwise(parts.act):
+        raise ValueError("a spatial head needs an elementwise activation (σ acts per position); got "
+                         f"{parts.act!r}")
+    if parts.V is not None and parts.U.in_features != parts.V.out_features:
         raise ValueError(
             f"U takes {parts.U.in_features} features but V gives {parts.V.out_features}; "
             "expected V: d → h and U: h → C with the same hidden width h"
