@@ -14,9 +14,7 @@ from symensemble.symmetry.conserved import (
     TwistedQ,
     angular_momentum,
     angular_momentum_residual,
-    antiderivative_sigma_over_dsigma,
     conserved_quantities,
-    elementwise_q,
     homogeneous_q,
     imbalance,
     orbit_scale_for_target,
@@ -24,6 +22,7 @@ from symensemble.symmetry.conserved import (
     total_q,
     unit_q,
 )
+from symensemble.symmetry.elementwise import antiderivative_sigma_over_dsigma, elementwise_q
 from symensemble.symmetry.groups import HiddenGroup
 from symensemble.symmetry.linear import LinearSymmetry, stack_forward
 from symensemble.symmetry.stack import StackParams

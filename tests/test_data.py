@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from symensemble import data as data_mod
-from symensemble.data import DataError, Split, augment_batch, iterate_batches, load_cifar10
+from symensemble.data import DataError, Split, load_cifar10
+from symensemble.training.batches import augment_batch, iterate_batches
 
 from .conftest import write_image_tree
 

@@ -44,7 +44,8 @@ from symensemble.diagnostics.teleport import scale_params, unit_scales_for_q
 from symensemble.io import to_jsonable
 from symensemble.models import create_model
 from symensemble.symmetry.activations import create_activation
-from symensemble.symmetry.conserved import elementwise_q, homogeneous_q
+from symensemble.symmetry.conserved import homogeneous_q
+from symensemble.symmetry.elementwise import elementwise_q
 from symensemble.symmetry.linear import stack_forward
 from symensemble.symmetry.module_bridge import stack_params
 from symensemble.symmetry.stack import StackParams

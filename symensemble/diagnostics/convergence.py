@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ..plotting import new_figure, save_figure
 from ..runtime import single_thread
 from ..symmetry.activations import create_activation
-from ..symmetry.conserved import elementwise_q_terms, orbit_scale_for_target
+from ..symmetry.conserved import orbit_scale_for_target
+from ..symmetry.elementwise import elementwise_q_terms
 from ..symmetry.groups import group_kind_for_activation
 from .common import TwoLayerProblem, log_spaced_steps
 
@@ -285,13 +286,8 @@ def convergence_radial(
         )
     if lr <= 0 or steps < 1:
         raise ValueError(f"need lr > 0 and steps >= 1, got lr={lr}, steps={steps}")
-    gen = torch.Generator().manual_seed(seed)
-    Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    k = min(m, n)
-    u = (1 + 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)).abs()
-    v = (1 + 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)).abs()
-    q_base = float((u.square() + v.square()).sum())
-    c = torch.tensor([math.sqrt(t / q_base) for t in targets], dtype=torch.float64).view(-1, 1)
+    Y, u, v, c = _radial_problem(targets, m, n, seed)
+    k = u.numel()
     U, V, Phi, Psi, sy = spectral_init(Y, c * u, c * v)
     lam0 = (c * u).square() + (c * v).square()  # (R, k)
     record = log_spaced_steps(steps, num_records)
@@ -306,22 +302,28 @@ def convergence_radial(
     l0 = curve[:, 0]
     per_q = [None if r is None else r / q for r, q in zip(reach, targets, strict=True)]
     results = {
-        "targets": list(targets),
-        "lambda0": lam0.tolist(),
-        "lambda_final": lam_end.tolist(),
+        "targets": list(targets), "lambda0": lam0.tolist(), "lambda_final": lam_end.tolist(),
         "lambda_max_rel_drift": float(((lam_end - lam0).abs() / lam0).max()),
-        "sigma_Y": sy.tolist(),
-        "sigma_X0": sx[0, 0].tolist(),
-        "initial_loss": l0.tolist(),
-        "final_loss": curve[:, -1].tolist(),
-        "steps_to_threshold": reach,
-        "steps_per_Q": per_q,
-        "g3_max_ratio": ratio.amax((1, 2)).tolist(),
-        "steps": record,
-        "loss": curve.tolist(),
-        "lr": lr,
+        "sigma_Y": sy.tolist(), "sigma_X0": sx[0, 0].tolist(),
+        "initial_loss": l0.tolist(), "final_loss": curve[:, -1].tolist(),
+        "steps_to_threshold": reach, "steps_per_Q": per_q, "g3_max_ratio": ratio.amax((1, 2)).tolist(),
+        "steps": record, "loss": curve.tolist(), "lr": lr,
     }
     return {"results": results, "checks": _radial_checks(results)}
+
+
+def _radial_problem(targets: Sequence[float], m: int, n: int, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Y (m, n), one spectral initialization (ū, v̄ ~ |N(1, 0.1²)|, k = min(m, n) units) and the
+    per-target scales c (R, 1) that move it to Q = Σλᵢ = target (λᵢ scales by c²)."""
+    gen = torch.Generator().manual_seed(seed)
+    Y = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    k = min(m, n)
+    u = (1 + 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)).abs()
+    v = (1 + 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)).abs()
+    q_base = float((u.square() + v.square()).sum())
+    c = torch.tensor([math.sqrt(t / q_base) for t in targets], dtype=torch.float64).view(-1, 1)
+    return Y, u, v, c
 
 
 def _radial_descent(

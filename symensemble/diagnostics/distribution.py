@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..plotting import new_figure, save_figure
 from ..symmetry.activations import create_activation
-from ..symmetry.conserved import antiderivative_sigma_over_dsigma
+from ..symmetry.elementwise import antiderivative_sigma_over_dsigma
 
 __all__ = [
     "INITS",
@@ -164,46 +164,31 @@ def q_distribution(
         create_activation(act)
         gen = torch.Generator().manual_seed(seed * 1000 + idx)
         q = sample_q(act, m, h, n, init, samples=samples, generator=gen)
-        mean, std = float(q.mean()), float(q.std())
-        se = std / math.sqrt(samples)
-        expected = expected_q(act, m, h, n, init)
-        z = (mean - expected) / se if se > 0 else 0.0
-        counts, edges = np.histogram(q.numpy(), bins=bins)
-        results.append(
-            {
-                "init": init,
-                "m": m,
-                "h": h,
-                "n": n,
-                "activation": act,
-                "samples": samples,
-                "mean": mean,
-                "std": std,
-                "stderr": se,
-                "expected": expected,
-                "z": z,
-                "within_3se": abs(z) <= 3.0,
-                "paper_m_minus_h": (m - h) if (act == "identity" and init == "xavier") else None,
-                "hist_counts": counts.tolist(),
-                "hist_edges": edges.tolist(),
-            }
-        )
-        log.info(
-            "Q %s %s (m,h,n)=(%d,%d,%d): mean %.4g vs E %.4g (z=%.2f)",
-            init,
-            act,
-            m,
-            h,
-            n,
-            mean,
-            expected,
-            z,
-        )
+        results.append(_q_summary(q, init, m, h, n, act, bins))
+        log.info("Q %s %s (m,h,n)=(%d,%d,%d): mean %.4g vs E %.4g (z=%.2f)", init, act, m, h, n,
+                 results[-1]["mean"], results[-1]["expected"], results[-1]["z"])
     checks = {
         "all_within_3se": all(r["within_3se"] for r in results),
         "max_abs_z": max(abs(r["z"]) for r in results),
     }
     return {"results": results, "checks": checks}
+
+
+def _q_summary(q: torch.Tensor, init: str, m: int, h: int, n: int, act: str, bins: int) -> dict[str, Any]:
+    """One configuration's row: sample mean, std, standard error, E[Q], z-score, histogram."""
+    samples = q.numel()
+    mean, std = float(q.mean()), float(q.std())
+    se = std / math.sqrt(samples)
+    expected = expected_q(act, m, h, n, init)
+    z = (mean - expected) / se if se > 0 else 0.0
+    counts, edges = np.histogram(q.numpy(), bins=bins)
+    return {
+        "init": init, "m": m, "h": h, "n": n, "activation": act, "samples": samples,
+        "mean": mean, "std": std, "stderr": se, "expected": expected, "z": z,
+        "within_3se": abs(z) <= 3.0,
+        "paper_m_minus_h": (m - h) if (act == "identity" and init == "xavier") else None,
+        "hist_counts": counts.tolist(), "hist_edges": edges.tolist(),
+    }
 
 
 def plot_q_distribution(result: dict[str, Any], path) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..plotting import new_figure, save_figure
 from ..runtime import single_thread
-from ..symmetry.conserved import elementwise_q_terms
+from ..symmetry.elementwise import elementwise_q_terms
 from .common import TwoLayerProblem, log_spaced_steps
 
 __all__ = ["DEFAULT_ACTIVATIONS", "DEFAULT_LRS", "q_dynamics", "plot_q_dynamics"]

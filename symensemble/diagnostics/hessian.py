@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..plotting import new_figure, save_figure
 from ..runtime import single_thread
 from ..symmetry.activations import create_activation
-from ..symmetry.conserved import elementwise_q
+from ..symmetry.elementwise import elementwise_q
 from ..symmetry.groups import group_kind_for_activation
 from ..symmetry.linear import LinearSymmetry
 from ..symmetry.orbits import orbit_dimension_formula
@@ -333,53 +333,51 @@ def one_dimensional_example(
         conventions, the closed forms and the largest absolute error.
     """
     rows = []
-    max_err = 0.0
     for q in qs:
         r = math.sqrt(q * q + 4 * product0 * product0)
-        u, v = math.sqrt((q + r) / 2), math.sqrt((-q + r) / 2)
+        u, v = _rk4_flow_1d(math.sqrt((q + r) / 2), math.sqrt((-q + r) / 2), dt, time)
+        rows.append({"Q": q, **_hessian_at_1d(torch.tensor([u, v], dtype=torch.float64))})
+    return {"rows": rows, "max_abs_err": max((row["abs_err"] for row in rows), default=0.0)}
 
-        def vel(a: float, b: float) -> tuple[float, float]:
-            res = 1 - a * b  # −∇L = ((1 − UV)V, (1 − UV)U)
-            return res * b, res * a
 
-        for _ in range(int(round(time / dt))):
-            k1 = vel(u, v)
-            k2 = vel(u + 0.5 * dt * k1[0], v + 0.5 * dt * k1[1])
-            k3 = vel(u + 0.5 * dt * k2[0], v + 0.5 * dt * k2[1])
-            k4 = vel(u + dt * k3[0], v + dt * k3[1])
-            u += dt / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
-            v += dt / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-        x = torch.tensor([u, v], dtype=torch.float64)
-        u, v = x[0], x[1]
+def _rk4_flow_1d(u: float, v: float, dt: float, time: float) -> tuple[float, float]:
+    """Gradient flow of L = ½(1 − UV)² from (u, v) by RK4 with step ``dt`` up to ``time``."""
+    def vel(a: float, b: float) -> tuple[float, float]:
+        res = 1 - a * b  # −∇L = ((1 − UV)V, (1 − UV)U)
+        return res * b, res * a
 
-        def half(z: torch.Tensor) -> torch.Tensor:
-            return 0.5 * (1 - z[0] * z[1]) ** 2
+    for _ in range(int(round(time / dt))):
+        k1 = vel(u, v)
+        k2 = vel(u + 0.5 * dt * k1[0], v + 0.5 * dt * k1[1])
+        k3 = vel(u + 0.5 * dt * k2[0], v + 0.5 * dt * k2[1])
+        k4 = vel(u + dt * k3[0], v + dt * k3[1])
+        u += dt / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+        v += dt / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+    return u, v
 
-        def plain(z: torch.Tensor) -> torch.Tensor:
-            return (1 - z[0] * z[1]) ** 2
 
-        ev_half = torch.linalg.eigvalsh(full_hessian(half, x))
-        ev_plain = torch.linalg.eigvalsh(full_hessian(plain, x))
-        q_end = float(u * u - v * v)
-        closed = [0.0, math.sqrt(q_end * q_end + 4)]
-        err = max(
-            float((ev_half - torch.tensor(closed, dtype=torch.float64)).abs().max()),
-            float((ev_plain - 2 * torch.tensor(closed, dtype=torch.float64)).abs().max()),
-        )
-        max_err = max(max_err, err)
-        rows.append(
-            {
-                "Q": q,
-                "Q_reached": q_end,
-                "UV": float(u * v),
-                "eig_half_loss": ev_half.tolist(),
-                "eig_plain_loss": ev_plain.tolist(),
-                "closed_half_loss": closed,
-                "closed_plain_loss_eq83": [0.0, 2 * closed[1]],
-                "abs_err": err,
-            }
-        )
-    return {"rows": rows, "max_abs_err": max_err}
+def _hessian_at_1d(x: torch.Tensor) -> dict[str, Any]:
+    """Hessian eigenvalues of ½(1 − UV)² and (1 − UV)² at x = (U, V) against the closed forms
+    0 and √(Q² + 4) (twice that without the ½, eq. 83), with Q = U² − V² read at x."""
+    u, v = x[0], x[1]
+
+    def half(z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (1 - z[0] * z[1]) ** 2
+
+    def plain(z: torch.Tensor) -> torch.Tensor:
+        return (1 - z[0] * z[1]) ** 2
+
+    ev_half = torch.linalg.eigvalsh(full_hessian(half, x))
+    ev_plain = torch.linalg.eigvalsh(full_hessian(plain, x))
+    q_end = float(u * u - v * v)
+    closed = [0.0, math.sqrt(q_end * q_end + 4)]
+    err = max(
+        float((ev_half - torch.tensor(closed, dtype=torch.float64)).abs().max()),
+        float((ev_plain - 2 * torch.tensor(closed, dtype=torch.float64)).abs().max()),
+    )
+    return {"Q_reached": q_end, "UV": float(u * v), "eig_half_loss": ev_half.tolist(),
+            "eig_plain_loss": ev_plain.tolist(), "closed_half_loss": closed,
+            "closed_plain_loss_eq83": [0.0, 2 * closed[1]], "abs_err": err}
 
 
 def plot_hessian(result: dict[str, Any], path) -> None:

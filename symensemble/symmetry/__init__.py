@@ -8,12 +8,12 @@ from .conserved import (  # noqa: E402
     TwistedQ,
     angular_momentum,
     conserved_quantities,
-    elementwise_q,
     homogeneous_q,
     imbalance,
     orbit_scale_for_target,
     q_m,
 )
+from .elementwise import elementwise_q  # noqa: E402
 from .groups import HiddenGroup  # noqa: E402
 from .linear import LinearSymmetry, transform_module  # noqa: E402
 from .module_bridge import stack_params  # noqa: E402

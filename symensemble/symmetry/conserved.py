@@ -8,8 +8,7 @@
   (Example 5.3, App. C.9.3).
 * :func:`unit_q` / :func:`unit_q_terms` — that diagonal for one hidden layer, and its two terms.
 * :func:`conserved_quantities` — whichever of the above the activations admit, per layer.
-* :func:`elementwise_q` — Q = ½ Tr UᵀU − Σ ∫₀^{V_aj} σ/σ′ (eq. 47) for the two-layer network
-  F = U σ(V) with whitened input, any pointwise σ (closed form or Gauss–Legendre quadrature).
+* the elementwise Q of eq. 47 (any pointwise σ, whitened input) is in :mod:`.elementwise`.
 * :func:`angular_momentum` — ν_i of Theorem 5.2 / App. C.9.5, zero along gradient flow of a
   radial (or linear) network.
 * :class:`TwistedQ` and :meth:`TwistedQ.transformed` — the change of Q under the group,
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +39,6 @@ __all__ = [
     "unit_q_terms",
     "conserved_quantities",
     "total_q",
-    "antiderivative_sigma_over_dsigma",
-    "elementwise_q",
-    "elementwise_q_terms",
     "angular_momentum",
     "angular_momentum_residual",
     "TwistedQ",
@@ -199,145 +195,6 @@ def total_q(params: StackParams, alphas: float | Sequence[float] = 1.0) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Elementwise Q (eq. 47) for any pointwise activation
-# ----------------------------------------------------------------------------------------------
-
-_GL_NODES: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _gauss_legendre(
-    n: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss–Legendre nodes and weights on [0, 1] (Golub–Welsch)."""
-    key = (n, dtype)
-    if key not in _GL_NODES:
-        k = torch.arange(1, n, dtype=torch.float64)
-        beta = k / torch.sqrt(4 * k * k - 1)
-        J = torch.diag(beta, 1) + torch.diag(beta, -1)
-        x, vecs = torch.linalg.eigh(J)
-        w = 2 * vecs[0] ** 2
-        _GL_NODES[key] = (((x + 1) / 2).to(dtype), (w / 2).to(dtype))
-    t, w = _GL_NODES[key]
-    return t.to(device), w.to(device)
-
-
-def _closed_form(act: Activation) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """F(v) = ∫₀^v σ(x)/σ′(x) dx in closed form, where known."""
-    name = act.name
-    slope = getattr(act, "negative_slope", 0.0)
-    if name == "identity" or (name == "leaky_relu" and slope > 0):
-        # σ/σ′ = x on both sides (the slope s cancels)
-        return lambda v: 0.5 * v.square()
-    if name in ("relu", "leaky_relu"):
-        # σ/σ′ = x for x > 0; for x < 0 the unit is dead (σ′ = 0, its entry never moves), and the
-        # integral is taken as 0 there (the convention of the paper's code).
-        return lambda v: 0.5 * torch.relu(v).square()
-    if name == "tanh":
-        # σ/σ′ = tanh x cosh² x = sinh x cosh x  →  ½ sinh² v
-        return lambda v: 0.5 * torch.sinh(v).square()
-    if name == "sigmoid":
-        # σ/σ′ = 1/(1 − σ) = 1 + eˣ  →  v + eᵛ − 1
-        return lambda v: v + torch.expm1(v)
-    return None
-
-
-def antiderivative_sigma_over_dsigma(
-    act: Activation | str, v: torch.Tensor, *, method: str = "auto", nodes: int = 64
-) -> torch.Tensor:
-    """F(v) = ∫₀^v σ(x)/σ′(x) dx, elementwise (the second term of eq. 47).
-
-    Args:
-        act: a pointwise activation.
-        v: values (any shape).
-        method: ``"closed"`` (identity, ReLU, LeakyReLU, tanh, sigmoid), ``"quadrature"``
-            (Gauss–Legendre on [0, v] with σ′ from autograd; any σ with σ′ ≠ 0 on [0, v]) or
-            ``"auto"`` (closed form when known).
-        nodes: quadrature nodes.
-
-    Raises:
-        ValueError: a non-pointwise activation, an unknown method, a closed form requested for
-            an activation without one, or σ′ vanishing/changing sign between 0 and v (the
-            integral diverges there).
-    """
-    act = create_activation(act)
-    if not act.pointwise:
-        raise ValueError(f"eq. 47 needs a pointwise activation; {act.name!r} is not pointwise")
-    if method not in ("auto", "closed", "quadrature"):
-        raise ValueError(f"method must be 'auto', 'closed' or 'quadrature', got {method!r}")
-    closed = _closed_form(act)
-    if method == "closed" and closed is None:
-        raise ValueError(
-            f"no closed form of the integral of sigma/sigma' for {act.name!r}; "
-            "use method='quadrature'"
-        )
-    if closed is not None and method != "quadrature":
-        return closed(v)
-    t, w = _gauss_legendre(nodes, v.dtype, v.device)
-    x = v.unsqueeze(-1) * t
-    ends = torch.stack([torch.zeros_like(v), v], dim=-1).detach().requires_grad_(True)
-    with torch.enable_grad():
-        if not x.requires_grad:
-            x.requires_grad_(True)
-        s = act(x)
-        (ds,) = torch.autograd.grad(s.sum(), x, create_graph=v.requires_grad)
-        (ds_ends,) = torch.autograd.grad(act(ends).sum(), ends)
-    signs = torch.cat([torch.sign(ds.detach()), torch.sign(ds_ends)], dim=-1)
-    bad = (signs == 0).any(-1) | (signs.max(-1).values != signs.min(-1).values)
-    bad = bad & (v.detach() != 0)
-    if bool(bad.any()):
-        first = v.detach()[bad].flatten()[0].item()
-        raise ValueError(
-            f"sigma' of {act.name!r} vanishes or changes sign between 0 and v = {first:.4g} "
-            f"({int(bad.sum())} entries): the integral of sigma/sigma' in eq. 47 diverges there"
-        )
-    integrand = s / ds
-    if not v.requires_grad:
-        integrand = integrand.detach()
-    return v * (integrand * w).sum(-1)
-
-
-def elementwise_q_terms(
-    U: torch.Tensor, V: torch.Tensor, act: Activation | str, *, method: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f₁(U), f₂(V)) = (½ Tr UᵀU, Σ_{a,j} ∫₀^{V_aj} σ/σ′) of eq. 47 and App. E.2.
-
-    Shape:
-        U (…, m, h), V (…, h, n) → two tensors of shape (…).
-    """
-    f1 = 0.5 * U.square().sum((-2, -1))
-    f2 = antiderivative_sigma_over_dsigma(act, V, method=method).sum((-2, -1))
-    return f1, f2
-
-
-def elementwise_q(
-    U: torch.Tensor, V: torch.Tensor, act: Activation | str, *, method: str = "auto"
-) -> torch.Tensor:
-    """Q = ½ Tr[UᵀU] − Σ_{a,j} ∫₀^{V_aj} σ(x)/σ′(x) dx (eq. 47; App. E.2, F).
-
-    Conserved by gradient flow of any loss of W = U σ(V) — the two-layer network with whitened
-    input X = I, where every entry of V is one pre-activation. (With general inputs only the
-    linear-symmetry quantities of :func:`conserved_quantities` are conserved.)
-
-    For σ = identity this is ½ Tr[UᵀU − VVᵀ] (eq. 44).
-
-    Args:
-        U: output layer (…, m, h).
-        V: hidden layer (…, h, n) (the paper's code stores its transpose).
-        act: pointwise activation.
-        method: see :func:`antiderivative_sigma_over_dsigma`.
-
-    Shape:
-        (…,), batched over leading dimensions.
-    """
-    if U.shape[-1] != V.shape[-2]:
-        raise ValueError(
-            f"U (..., m, h) and V (..., h, n) disagree on h: {tuple(U.shape)} vs {tuple(V.shape)}"
-        )
-    f1, f2 = elementwise_q_terms(U, V, act, method=method)
-    return f1 - f2
-
-
-# ----------------------------------------------------------------------------------------------
 # Radial networks: angular momentum (Theorem 5.2)
 # ----------------------------------------------------------------------------------------------
 
@@ -477,33 +334,35 @@ def orbit_scale_for_target(
             f"reachable values lie in ({float(lo.flatten()[k]):.6g}, {float(hi.flatten()[k]):.6g}) "
             f"(a = {float(a.flatten()[k]):.4g}, b = {float(b.flatten()[k]):.4g}, alpha = {alpha:g})"
         )
-    c2 = torch.ones_like(a)
+    c2 = _scale_squared(a, b, t, alpha)
+    c2 = torch.where(degenerate, torch.ones_like(a), c2)
+    return c2.sqrt()
+
+
+def _scale_squared(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x = c² solving a x − α b x^{−α} = t (reachable t): closed form for α = 1, bisection on
+    log c otherwise."""
     if alpha == 1.0:
-        # a x − b/x = t with x = c²  →  a x² − t x − b = 0
+        # a x − b/x = t  →  a x² − t x − b = 0; numerically stable roots x = (t + disc)/(2a) = 2b/(disc − t)
         disc = torch.sqrt(t * t + 4 * a * b)
-        pos = a > 0
-        # numerically stable roots: x = (t + disc)/(2a) = 2b/(disc − t)
         x_a = torch.where(
             t >= 0, (t + disc) / (2 * a.clamp_min(1e-300)), 2 * b / (disc - t).clamp_min(1e-300)
         )
         x_b = torch.where(b > 0, -b / t.clamp_max(-1e-300), torch.ones_like(a))
-        c2 = torch.where(pos, x_a, x_b)
-    else:
+        return torch.where(a > 0, x_a, x_b)
 
-        def q(logc: torch.Tensor) -> torch.Tensor:
-            return a * torch.exp(2 * logc) - alpha * b * torch.exp(-2 * alpha * logc)
+    def q(logc: torch.Tensor) -> torch.Tensor:
+        return a * torch.exp(2 * logc) - alpha * b * torch.exp(-2 * alpha * logc)
 
-        lo_c, hi_c = torch.full_like(a, -1.0), torch.full_like(a, 1.0)
-        for _ in range(200):  # bracket: widen until q(lo) <= t <= q(hi)
-            need_lo, need_hi = q(lo_c) > t, q(hi_c) < t
-            if not bool(need_lo.any() | need_hi.any()):
-                break
-            lo_c = torch.where(need_lo, 2 * lo_c, lo_c)
-            hi_c = torch.where(need_hi, 2 * hi_c, hi_c)
-        for _ in range(200):
-            mid = 0.5 * (lo_c + hi_c)
-            above = q(mid) > t
-            hi_c, lo_c = torch.where(above, mid, hi_c), torch.where(above, lo_c, mid)
-        c2 = torch.exp(lo_c + hi_c)
-    c2 = torch.where(degenerate, torch.ones_like(a), c2)
-    return c2.sqrt()
+    lo_c, hi_c = torch.full_like(a, -1.0), torch.full_like(a, 1.0)
+    for _ in range(200):  # bracket: widen until q(lo) <= t <= q(hi)
+        need_lo, need_hi = q(lo_c) > t, q(hi_c) < t
+        if not bool(need_lo.any() | need_hi.any()):
+            break
+        lo_c = torch.where(need_lo, 2 * lo_c, lo_c)
+        hi_c = torch.where(need_hi, 2 * hi_c, hi_c)
+    for _ in range(200):
+        mid = 0.5 * (lo_c + hi_c)
+        above = q(mid) > t
+        hi_c, lo_c = torch.where(above, mid, hi_c), torch.where(above, lo_c, mid)
+    return torch.exp(lo_c + hi_c)

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import CIFAR10, Split, augment_batch, iterate_batches, load_cifar10
+from ..data import CIFAR10, Split, load_cifar10
 from ..distributed import DistInfo, barrier, batch_slice, broadcast_buffers, current, rank_device
 from ..models import SymModel, create_model
 from ..runtime import git_revision, resolve_device
 from .adversarial import RobustMonitor, TrainingAttack
+from .batches import augment_batch, iterate_batches
 from .lookahead import Lookahead
 from .metrics import evaluate_global, global_means
 from .recipe import Recipe, RecipeError

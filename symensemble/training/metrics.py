@@ -11,9 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import Split, iterate_batches
+from ..data import Split
 from ..distributed import DistInfo, all_reduce_sum, batch_slice
 from ..runtime import eval_mode
+from .batches import iterate_batches
 
 __all__ = ["evaluate_split", "evaluate_global", "global_means", "format_metrics"]
 
