@@ -62,7 +62,7 @@ def test_registry_lists_every_attack_and_refuses_unknown_names_and_options():
     names = se.list_attacks()
     for name in ("fgsm", "pgd", "eotpgd", "apgd", "autoattack", "autoattack-rand",
                  "pgd-transfer", "fgsm-transfer", "apgd-ce", "apgd-dlr", "apgd-softvote",
-                 "square", "fgsm-rs", "pgd-train"):
+                 "apgd-t", "apgd-t-softvote", "square", "fgsm-rs", "pgd-train"):
         assert name in names, name
     assert set(atk.list_attacks("grid")) == {"fgsm", "pgd", "eotpgd", "apgd", "autoattack",
                                              "autoattack-rand"}
@@ -187,6 +187,20 @@ def test_apgd_finds_the_exact_robust_accuracy_of_a_linear_model(loss, linear_bat
     assert int((breakable & ~broken).sum()) <= (0 if loss == "dlr" else int(breakable.sum()) // 10)
     with torch.no_grad():
         assert torch.equal(model(adv).argmax(1) != y, broken)
+
+
+def test_apgd_t_reaches_a_target_class_where_one_is_reachable(linear_batch):
+    model, x, y = linear_batch
+    eps = 0.05
+    breakable = reachable(model, x, y, eps).any(1)
+    [adv] = atk.get_attack("apgd-t", steps=30)(model, x, y, eps=eps, seed=0)
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert torch.equal(fooled, breakable)
+    assert (adv - x).abs().max() <= eps + 1e-6
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        three = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+        atk.get_attack("apgd-t", steps=2)(three, x[:2], torch.zeros(2, dtype=torch.long), eps=0.1)
 
 
 def test_early_stop_gives_the_same_points_and_stops_working_on_broken_images(linear_batch):

@@ -2,11 +2,12 @@
 
 Importing this package registers every attack: the paper grid's (``fgsm``, ``pgd``,
 ``eotpgd``, ``apgd``, ``autoattack``, ``autoattack-rand``), the portfolio's (``pgd-transfer``,
-``fgsm-transfer``, ``apgd-ce``, ``apgd-dlr``, ``apgd-softvote``, ``square``) and training's
+``fgsm-transfer``, ``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``apgd-softvote``, ``apgd-t-softvote``,
+``square``) and training's
 (``fgsm-rs``, ``pgd-train``).
 """
 
-from . import apgd, autoattack, fgsm, pgd, square, training  # noqa: F401  (registration)
+from . import apgd, apgd_t, autoattack, fgsm, pgd, square, training  # noqa: F401  (registration)
 from .portfolio import GRADIENT_FREE, PORTFOLIO, TRANSFER, portfolio_attacks
 from .registry import (
     DEFAULT_EOT_ITER,

@@ -14,14 +14,19 @@ every radius, a cascade of complementary registered attacks in the manner of Aut
 3. ``apgd-ce``: APGD on the cross-entropy of the target's differentiable aggregate.
 4. ``apgd-dlr``: APGD on the Difference-of-Logits-Ratio loss, invariant to the logits'
    shift and scale, so saturation cannot hide the gradient.
-5. ``apgd-softvote``: APGD-CE on a non-saturating surrogate of the vote
-   (:class:`~.surrogates.SoftVote`).
-6. ``square`` (optional): the gradient-free Square attack (Andriushchenko et al. 2020) with a
+5. ``apgd-t``: APGD-T (AutoAttack ``standard``'s targeted DLR over the top 9 classes) on the
+   same aggregate — the mean of the members' softmax outputs, where it breaks the most
+   ensemble images.
+6. ``apgd-softvote``: APGD-CE on a non-saturating surrogate of the vote
+   (:class:`~.surrogates.SoftVote`); 7. ``apgd-t-softvote``: APGD-T on the same surrogate
+   (ensembles only: on a plain model it would repeat ``apgd-t``).
+8. ``square`` (optional): the gradient-free Square attack (Andriushchenko et al. 2020) with a
    query budget, AutoAttack's check against masked gradients.
 
 Members that are redrawn on every forward are attacked with Expectation over Transformation.
 Every attack returns *candidates*; an image survives an attack when the target, counted with
-its own aggregate (the vote), classifies every candidate correctly.
+its own aggregate (the vote), classifies every candidate correctly. The APGD attacks stop on an
+image the moment that scoring misclassifies it (early stop, :mod:`.apgd_core`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from .registry import Attack, get_attack
 __all__ = ["PORTFOLIO", "TRANSFER", "GRADIENT_FREE", "portfolio_attacks"]
 
 #: The cascade in the order it runs: cheapest per target first, Square last.
-PORTFOLIO = ("pgd-transfer", "fgsm-transfer", "apgd-ce", "apgd-dlr", "apgd-softvote", "square")
+PORTFOLIO = ("pgd-transfer", "fgsm-transfer", "apgd-ce", "apgd-dlr", "apgd-t", "apgd-softvote",
+             "apgd-t-softvote", "square")
 #: Row labels of attacks that craft on the base model (transfer) and that use no gradient.
 TRANSFER = ("pgd-transfer", "fgsm-transfer")
 GRADIENT_FREE = ("square",)
