@@ -72,6 +72,9 @@ def sanity_checks(
     6. Portfolio cascades (:func:`portfolio_checks`): ``[not-converged]`` the last gradient
        attack still breaks many images; ``[square-beats-gradients]`` the gradient-free Square
        attack breaks images every gradient attack missed.
+    7. ``[binarization]`` (needs the targets and images, so it is not run here:
+       :func:`symensemble.robustness.binarization.binarization_checks`) the attack fails a
+       binarized task with a guaranteed adversarial example (Zimmermann et al. 2022).
 
     Args:
         records: the requested measurements.
