@@ -88,3 +88,18 @@ def test_calibration_images_of_the_wrong_size_get_the_model_input_check():
     bad[5, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="calibration_images hold 1 NaN or infinite.*sample 5"):
         SymmetryEnsemble(model, bad, num_members=2, samples_per_member=4)
+
+
+def test_wide_ginv_members_under_two_threads():
+    """torch's batched CPU LU gives invalid pivots for h ≥ 512 with 2 threads; members stay exact."""
+    from symensemble.ensembles.transforms import _right_inverse_apply, random_gl
+
+    g = random_gl(6, 512, 1.0, torch.Generator().manual_seed(0))
+    U = torch.randn(10, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W = _right_inverse_apply(U, g)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(W @ g, U.expand(6, -1, -1), rtol=1e-9, atol=1e-9)

@@ -93,11 +93,19 @@ def _permutations(num: int, h: int, generator: torch.Generator) -> Tensor:
     return torch.argsort(torch.rand(num, h, generator=generator, dtype=_DTYPE), dim=-1)
 
 
+#: from this width on, batched LU runs one matrix at a time: torch's batched CPU LU returns
+#: invalid pivots for h ≥ 512 when more than one thread runs (seen with torch 2.14 + oneMKL on 2
+#: cores: "Pivots given to lu_solve must all be greater or equal to 1"); one matrix per call is
+#: the same factorization.
+_BATCHED_LU_MAX_WIDTH = 256
+
+
 def _right_inverse_apply(U: Tensor, g: Tensor) -> Tensor:
     """U g⁻¹ for a batch of g, by LU solve (no explicit inverse). Shape: (C,h),(G,h,h)→(G,C,h)."""
-    return torch.linalg.solve(
-        g.transpose(-1, -2), U.transpose(-1, -2).expand(g.shape[0], -1, -1)
-    ).transpose(-1, -2)
+    Ut = U.transpose(-1, -2)
+    if g.shape[-1] > _BATCHED_LU_MAX_WIDTH:
+        return torch.stack([torch.linalg.solve(gk.transpose(0, 1), Ut) for gk in g]).transpose(-1, -2)
+    return torch.linalg.solve(g.transpose(-1, -2), Ut.expand(g.shape[0], -1, -1)).transpose(-1, -2)
 
 
 def _solve_pi(g: Tensor, H: Tensor, act: ActivationFn, U: Tensor, ridge: float | None):
