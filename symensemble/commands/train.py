@@ -10,10 +10,11 @@ from typing import Any
 import click
 
 from ..checkpoint import CheckpointError, prepare_output, read_checkpoint
-from ..data import DataError, SplitSizeError
+from ..data import SplitSizeError
 from ..training.adversarial import ADVERSARIAL_METHODS
-from ..training.recipe import Recipe, RecipeError, load_recipe
+from ..training.recipe import Recipe, load_recipe
 from ..vocab import parse_eps
+from . import options as opt
 
 
 def _first_q_total(log_path: Path) -> float | None:
@@ -54,12 +55,11 @@ class _Radius(click.ParamType):
 @click.command("train", short_help="Train a CIFAR-10 model from a recipe.")
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="TOML recipe (see recipes/).")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
-                   "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
+@opt.data_option("CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
+                 "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
 @click.option("--download", is_flag=True, help="Let torchvision download CIFAR-10 into --data.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
-@click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+@opt.seed_option(None, "Override the recipe's seed.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Override the learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the batch size.")
@@ -71,13 +71,14 @@ class _Radius(click.ParamType):
               help="Override [adversarial] alpha, the attack step size (e.g. 10/255).")
 @click.option("--adv-steps", type=click.IntRange(min=1), default=None,
               help="Override [adversarial] steps (PGD training).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Training device.")
+@opt.device_option("auto", "Training device.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint path (.safetensors) [default: runs/<model>-<act>-h<h>-seed<s>.safetensors].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at --out.")
 @click.option("--record-q", is_flag=True, help="Record the head's conserved quantities Q every epoch.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@opt.quiet_option()
+@opt.cli_errors(checkpoint="--out")  # library errors → exit 2 (the checkpoint of a run is --out)
 def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | None, seed: int | None,
             lr: float | None, batch_size: int | None, adv_method: str | None, adv_eps: float | None,
             adv_alpha: float | None, adv_steps: int | None, device: str, out: Path | None, resume: bool,
@@ -90,7 +91,6 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
     torchrun it trains data-parallel; only rank 0 prints and writes.
     """
     from ..distributed import distributed, is_main_process
-    from ..runtime import resolve_device
     from ..training.loop import DivergenceError, train
     from ..training.state import default_out
 
@@ -103,10 +103,7 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         raise click.BadParameter(str(err), param_hint="--out") from None
     finished: list[int] = []  # epochs this invocation finished, for the Ctrl-C hint
     callbacks = _callbacks(recipe.epochs, out, resume, record_q, quiet, finished)
-    try:
-        dev = resolve_device(device)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--device") from None
+    dev = opt.resolve_device(device)
     try:
         with distributed(dev):  # a process group under torchrun; a no-op in a single process
             result = train(recipe, data=data, out=out, device=dev, resume=resume,
@@ -116,12 +113,8 @@ def command(recipe_path: Path, data: Path | None, download: bool, epochs: int | 
         if is_main_process():
             click.echo(_interrupted_hint(out, bool(finished) or resume), err=True)
         raise click.Abort() from None
-    except SplitSizeError as err:
+    except SplitSizeError as err:  # the rest of the library's errors: opt.cli_errors
         raise click.UsageError(f"recipe {recipe_path}: {err}") from None
-    except DataError as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
-    except (CheckpointError, RecipeError) as err:
-        raise click.UsageError(str(err)) from None
     except DivergenceError as err:
         raise click.ClickException(str(err)) from None
     if main:
