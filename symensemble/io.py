@@ -32,6 +32,7 @@ __all__ = [
     "default_run_dir",
     "OutputError",
     "check_out_dir",
+    "check_out_file",
     "staged_dir",
 ]
 
@@ -157,7 +158,27 @@ def check_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
         if here in (Path.cwd(), *Path.cwd().parents, Path.home(), *Path.home().parents):
             raise OutputError(f"{str(out)!r} contains the current or home folder; --overwrite "
                               "replaces the whole folder, so choose a folder of its own")
-    place = out.parent  # the nearest existing folder above: the run folder is made there
+    _probe(out, "a folder that can be created and written")
+    return out
+
+
+def check_out_file(path: str | os.PathLike) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (its folder can be made
+    and written, and ``path`` is not a folder); returns it as a Path.
+
+    Raises:
+        OutputError: names the path, why, and what was expected.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{str(path)!r} is a folder; expected a file path")
+    _probe(path, "a file path whose folder can be created and written")
+    return path
+
+
+def _probe(out: Path, expected: str) -> None:
+    """Make and remove a folder in the nearest existing folder above ``out`` (nothing is left)."""
+    place = out.parent
     while not place.exists() and place != place.parent:
         place = place.parent
     try:
@@ -166,8 +187,7 @@ def check_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".check", dir=place)).rmdir()
     except OSError as err:
         raise OutputError(f"cannot write the results to {str(out)!r}: {err.strerror or err}; "
-                          "expected a folder that can be created and written") from None
-    return out
+                          f"expected {expected}") from None
 
 
 @contextlib.contextmanager

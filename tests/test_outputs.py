@@ -63,6 +63,8 @@ def test_reproduce_and_q_check_out_first(tmp_path, no_evaluation):
     assert res.exit_code == 2 and "cannot write the results" in res.output
     res = run("q", "dynamics", "--steps", "100000000", "--out", str(blocker))  # would run for hours
     assert res.exit_code == 2 and "is a file" in res.output
+    res = run("q", "teleport", "paper_cnn", "--flattest", "top", "--out", "/proc/x/new.safetensors")
+    assert res.exit_code == 2 and "cannot write the results to '/proc/x/new.safetensors'" in res.output
 
 
 def test_overwrite_replaces_the_folder_whole(tmp_path, monkeypatch):

@@ -82,14 +82,12 @@ def inspect_cmd(checkpoint: str, out: Path | None, overwrite: bool) -> None:
 
     CHECKPOINT is a .safetensors file or a shipped name such as paper_cnn.
     """
-    from ..checkpoint import CheckpointError, load_model
+    from ..checkpoint import load_model
     from ..diagnostics.inspection import inspect_model, plot_inspection
     from ..diagnostics.summary import inspect_lines
 
-    try:
+    with opt.cli_errors(checkpoint="CHECKPOINT"):
         model, info = load_model(checkpoint, with_info=True)
-    except CheckpointError as err:
-        raise click.BadParameter(str(err), param_hint="CHECKPOINT") from None
     stem = Path(checkpoint).name.removesuffix(".safetensors") or "model"
     _run_study("inspect", stem, out, {"checkpoint": checkpoint},
                lambda: {**inspect_model(model), "checkpoint": info["path"]},
@@ -244,22 +242,22 @@ def teleport_cmd(checkpoint, target, unit_targets, flattest, out, data, do_eval,
 
     CHECKPOINT is a .safetensors file or a shipped name such as paper_cnn.
     """
-    from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..diagnostics.summary import teleport_lines
     from ..diagnostics.teleport_run import teleport_checkpoint
+    from ..io import check_out_file
 
-    try:
-        run = teleport_checkpoint(checkpoint, out, total=target, per_unit=unit_targets, flattest=flattest,
-                                  data=data, evaluate=do_eval, samples=samples, max_evals=max_evals,
-                                  lanczos_iters=lanczos_iters, tol=tol, seed=seed, progress=not quiet)
-    except CheckpointError as err:
-        raise click.BadParameter(str(err), param_hint="CHECKPOINT") from None
-    except DataError as err:
-        hint = f"{err} (use --no-eval to skip the evaluation)"
-        raise click.BadParameter(hint, param_hint="--data") from None
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    with opt.cli_errors(checkpoint="CHECKPOINT"):
+        if out is not None:  # before the search: an unwritable --out would lose the work
+            check_out_file(out)
+        try:
+            run = teleport_checkpoint(checkpoint, out, total=target, per_unit=unit_targets,
+                                      flattest=flattest, data=data, evaluate=do_eval, samples=samples,
+                                      max_evals=max_evals, lanczos_iters=lanczos_iters, tol=tol,
+                                      seed=seed, progress=not quiet)
+        except DataError as err:
+            hint = f"{err} (use --no-eval to skip the evaluation)"
+            raise click.BadParameter(hint, param_hint="--data") from None
     for line in teleport_lines(run.report):
         click.echo(line)
     click.echo(f"wrote {run.checkpoint}, {run.json_path} and {run.png_path}")
