@@ -155,3 +155,32 @@ def test_fallbacks_hook_callable_and_clear_errors():
 def test_public_names():
     assert se.locate_head is locate_head
     assert SymmetryEnsemble.from_model.__doc__
+
+
+def test_block_mode_on_a_tiny_vit_mlp():
+    """The group action on blocks.1.mlp.fc1 → GELU → fc2: members agree at fc2's output on their
+    own s·T ≤ h calibration positions, so the logits agree on those images."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
+                            embed_dim=24, depth=2, num_heads=2, num_classes=10).eval()
+    names = {"hidden": "blocks.1.mlp.fc1", "classifier": "blocks.1.mlp.fc2", "pool": "block"}
+    h, tokens = 96, 5  # mlp width; 4 patches + the class token
+    s = h // tokens
+    cal, x = _images(2 * s, 16, seed=1), _images(3, 16, seed=2)
+    ident = SymmetryEnsemble.from_model(vit, x, transform="identity", num_members=2, **names)
+    ens = SymmetryEnsemble.from_model(vit, cal, num_members=2, eps=1.0, samples_per_member=s, **names)
+    assert ens.hidden_features == h and ens._positions == tokens
+    with torch.no_grad():
+        assert _rel(ident.member_logits(x)[0], vit(x)) <= 1e-4
+        for k in range(2):
+            own = cal[k * s : (k + 1) * s]
+            assert _rel(ens.member_logits(own)[k], vit(own)) <= 1e-4
+        assert _rel(ens.member_logits(x)[0], vit(x)) > 1e-6  # elsewhere the member differs
+        assert ens(x).shape == (3, 10)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ens(xg, aggregate="mean").sum(), xg)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="nn.Linear V and U"):
+        SymmetryEnsemble.from_model(vit, cal, pool="block", hidden="blocks.1.mlp.act",
+                                    classifier="blocks.1.mlp.fc2", act=torch.nn.GELU())

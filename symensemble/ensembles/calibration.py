@@ -28,6 +28,10 @@ __all__ = [
     "calibration_hidden",
     "add_noise",
     "check_distinct",
+    "prepare_hidden",
+    "member_images",
+    "check_ensemble_memory",
+    "log_conditions",
     "model_device",
 ]
 
@@ -117,6 +121,18 @@ def member_images(images: Tensor | None, num_members: int, samples: int, transfo
         log.info("samples_per_member=%d > h=%d: π is a least-squares fit and members no longer "
                  "reproduce the model exactly on their calibration images", samples, hidden)
     return images[:needed]
+
+
+def prepare_hidden(model: nn.Module, parts: HeadParts, images: Tensor, samples: int, noise: float, seed: int,
+                   check: bool) -> tuple[Tensor, int]:
+    """H_k rows of every member, (G·s·P, h), and P, the positions per image (1 dense, T tokens
+    in block mode): noise added, distinctness checked over each member's s·P rows (``check``)."""
+    hidden = calibration_hidden(model, parts, images)
+    positions = 1 if hidden.ndim == 2 else int(hidden[0, ..., 0].numel())
+    hidden = add_noise(hidden.reshape(-1, hidden.shape[-1]), noise, seed)
+    if check:
+        check_distinct(hidden, samples * positions)
+    return hidden, positions
 
 
 def check_ensemble_memory(num_members: int, samples: int, hidden: int, classes: int,

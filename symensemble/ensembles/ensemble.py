@@ -43,19 +43,18 @@ from ..inputs import check_model_input
 from ..runtime import thread_cap
 from ..symmetry.heads import HeadParts
 from .aggregates import AGGREGATES, check_aggregate, combine, combine_exact
+from .block import run_block_members
 from .calibration import (
     DEFAULT_SAMPLES_PER_HIDDEN,
-    add_noise,
     as_images,
-    calibration_hidden,
-    check_distinct,
     check_ensemble_memory,
     default_samples_per_member,
     log_conditions,
     member_images,
     model_device,
+    prepare_hidden,
 )
-from .locate import locate_head
+from .locate import model_head_parts
 from .members import as_buffer, chunk_slices, is_pointwise, member_bytes, positions_as_rows, run_members
 from .options import DEFAULT_CHUNK_BYTES, EnsembleOptions
 from .spatial import spatial_group_draw
@@ -76,8 +75,7 @@ def _few_threads(h: int) -> contextlib.AbstractContextManager[None]:
 
     Right after a backbone forward, OpenMP workers still spin-wait; multi-threaded MKL calls
     on (G, h, h) batches then contend with them and a 5 ms draw can take seconds (measured
-    3.2 s vs 4 ms on 2 cores). One thread avoids that; large h keeps all threads. Used by the
-    constructor only: a forward never changes the caller's thread count.
+    3.2 s vs 4 ms on 2 cores). One thread avoids that; large h keeps all threads. Constructor only.
     """
     return thread_cap(1 if h <= 64 else torch.get_num_threads())
 
@@ -184,6 +182,7 @@ class SymmetryEnsemble(nn.Module):
         for name in _MEMBER_BUFFERS:
             self.register_buffer(name, None)
         self._calibration_images: Tensor | None = None  # spatial heads: streamed on each draw
+        self._positions = 1  # calibration rows per image (block mode: tokens)
         self._prepare_calibration(calibration_images)
         with _few_threads(self.hidden_features):
             self.resample()
@@ -199,10 +198,9 @@ class SymmetryEnsemble(nn.Module):
         if self._parts.spatial:
             self._calibration_images = images
             return
-        hidden = add_noise(calibration_hidden(self.base_model, self._parts, images),
-                           self.calibration_noise, self.seed)
-        if getattr(self.member_transform, "ridge", None) is None:
-            check_distinct(hidden, s)
+        exact = getattr(self.member_transform, "ridge", None) is None
+        hidden, self._positions = prepare_hidden(self.base_model, self._parts, images, s,
+                                                 self.calibration_noise, self.seed, exact)
         self.calibration_hidden = as_buffer(hidden, model_device(self.base_model))
 
     # ----------------------------------------------------------------------------------------
@@ -259,6 +257,8 @@ class SymmetryEnsemble(nn.Module):
 
         The head is found by :func:`~symensemble.ensembles.locate.locate_head` (``hidden``,
         ``act``, ``pool``, ``classifier`` as there) and checked on a few calibration images.
+        ``pool="block"``: block mode on the Linear pair ``hidden`` → ``act`` → ``classifier``
+        inside the network (:mod:`symensemble.ensembles.block`).
         For a spatial head π is solved on pooled features (:mod:`symensemble.ensembles.spatial`),
         members are evaluated in float32 (``head_dtype``; pooling keeps them well conditioned)
         and s defaults to 2C. ``**kwargs``: the constructor's other arguments.
@@ -267,15 +267,11 @@ class SymmetryEnsemble(nn.Module):
             >>> ens = SymmetryEnsemble.from_model(torchvision_resnet, train_images[:50 * 1024],
             ...                                   num_members=50, eps=1.0)
         """
-        if calibration_images is None:
-            raise ValueError("from_model needs calibration_images (a few are used to check the head)")
-        spec = locate_head(model, calibration_images, hidden=hidden, act=act, pool=pool,
-                           classifier=classifier)
-        log.info("%s", spec)
-        kwargs.setdefault("head_dtype", torch.float32 if spec.parts.spatial else torch.float64)
-        check_parts(model, spec.parts, getattr(kwargs.get("transform", "group"), "name",
-                                                kwargs.get("transform", "group")))
-        return cls(model, calibration_images, head=spec.parts, _head_checked=True, **kwargs)
+        transform = kwargs.get("transform", "group")
+        parts = model_head_parts(model, calibration_images, hidden, act, pool, classifier,
+                                 getattr(transform, "name", transform))
+        kwargs.setdefault("head_dtype", torch.float32 if parts.spatial else torch.float64)
+        return cls(model, calibration_images, head=parts, _head_checked=True, **kwargs)
 
     # ----------------------------------------------------------------------------------------
     # Public attributes
@@ -352,7 +348,7 @@ class SymmetryEnsemble(nn.Module):
             U64 = self._parts.U.weight.detach().to("cpu", torch.float64)
             hidden = None
             if self.member_transform.uses_calibration:
-                hidden = self.calibration_hidden.to("cpu").view(G, s, h).transpose(1, 2)
+                hidden = self.calibration_hidden.to("cpu").view(G, s * self._positions, h).transpose(1, 2)
             draw = self.member_transform.draw(U64, self._parts.act, G, self._generator, hidden)
         self._store(draw)
         log_conditions(draw.condition, self.transform, G, self.eps, s)
@@ -382,6 +378,9 @@ class SymmetryEnsemble(nn.Module):
     def _run(self, H: Tensor, reduce: Callable[[Tensor], Tensor]) -> list[Tensor]:
         """Apply ``reduce`` to each chunk's (c, C, B) logits; checkpointed under autograd."""
         dt = self.head_dtype
+        if self._parts.pool == "block":  # H is the images: every member runs the network
+            members = (self.g.to(dt), self.W.to(dt), self.b.to(dt))
+            return run_block_members(self.base_model, self._parts, H, members, reduce, dt)
         rows, P = positions_as_rows(H)
         per_member = member_bytes(H.shape[0], self.hidden_features, self.num_classes, dt, P)
         chunks = chunk_slices(self._num_members, per_member, self.chunk_size, self.max_chunk_bytes)
@@ -396,9 +395,9 @@ class SymmetryEnsemble(nn.Module):
         """
         if self.resample_on_forward:
             self.resample()
-        H = self._parts.hidden(x)
+        H = self._hidden_or_images(x)
         if self.is_exact:
-            logits = self._parts.from_hidden(H)
+            logits = self._exact_logits(H)
             return logits.unsqueeze(0).expand(self._num_members, -1, -1).clone()
         parts = self._run(H, lambda L: L)
         return torch.cat(parts).transpose(1, 2).to(H.dtype).contiguous()
@@ -427,12 +426,18 @@ class SymmetryEnsemble(nn.Module):
         mode = check_aggregate(self._aggregate if aggregate is None else aggregate)
         return self._forward(x, mode)
 
+    def _hidden_or_images(self, x: Tensor) -> Tensor:
+        return x if self._parts.pool == "block" else self._parts.hidden(x)
+
+    def _exact_logits(self, H: Tensor) -> Tensor:
+        return self.base_model(H) if self._parts.pool == "block" else self._parts.from_hidden(H)
+
     def _forward(self, x: Tensor, mode: str) -> Tensor:
         if self.resample_on_forward:
             self.resample()
-        H = self._parts.hidden(x)
+        H = self._hidden_or_images(x)
         if self.is_exact:
-            return combine_exact(mode, self._parts.from_hidden(H))
+            return combine_exact(mode, self._exact_logits(H))
         out = combine(mode, self._run, H, self._num_members, self.head_dtype)
         return out.transpose(0, 1).to(H.dtype)
 

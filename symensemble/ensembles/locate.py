@@ -13,6 +13,7 @@ on the example images against ``model(x)``; when they disagree the last graph no
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +23,13 @@ from torch import Tensor, nn
 
 from ..runtime import eval_mode
 from ..symmetry.heads import HeadParts
+from .block import block_parts
 from .calibration import image_batches, model_device
+from .wiring import check_parts
 
-__all__ = ["HeadSpec", "locate_head"]
+__all__ = ["HeadSpec", "locate_head", "model_head_parts"]
+
+log = logging.getLogger(__name__)
 
 _SKIP_MODULES = (nn.Flatten, nn.Dropout, nn.Identity)
 _SKIP_METHODS = {"view", "reshape", "flatten", "squeeze", "contiguous"}
@@ -270,3 +275,18 @@ def _verified(model: nn.Module, images: Tensor, embed: Any, z_label: str, sigma:
     act_label = names.get(found["act_node"], str(sigma)) if "act_node" in found else str(sigma)
     cls_label = names.get(found.get("classifier"), "") or type(U).__name__
     return HeadSpec(z_label, act_label, kind, cls_label, int(Z.shape[1]), tuple(Z.shape[2:]), err, parts)
+
+
+def model_head_parts(model: nn.Module, images: Tensor | None, hidden: Any, act: Any, pool: str,
+                     classifier: Any, transform: str) -> HeadParts:
+    """The head ``SymmetryEnsemble.from_model`` wraps: located and checked, or block mode."""
+    if images is None:
+        raise ValueError("from_model needs calibration_images (a few are used to check the head)")
+    if pool == "block":
+        parts = block_parts(model, hidden, act, classifier)
+    else:
+        spec = locate_head(model, images, hidden=hidden, act=act, pool=pool, classifier=classifier)
+        log.info("%s", spec)
+        parts = spec.parts
+    check_parts(model, parts, transform)
+    return parts

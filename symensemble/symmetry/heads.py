@@ -29,9 +29,11 @@ from .stack import StackParams
 
 __all__ = ["HeadParts", "POOLS", "find_head"]
 
-#: How positions are reduced after σ: ``none`` (a dense head, H is (B, h)) or ``avg`` (global
-#: average pooling over every position of H (B, h, *positions)).
-POOLS = ("none", "avg")
+#: How positions are reduced after σ: ``none`` (a dense head, H is (B, h)), ``avg`` (global
+#: average pooling over every position of H (B, h, *positions)) or ``block`` (a Linear → σ →
+#: Linear pair inside a network: H is (B, T, h), U's output (B, T, d) re-enters the network,
+#: so :meth:`HeadParts.from_hidden` gives U's output, not logits).
+POOLS = ("none", "avg", "block")
 
 _HEAD_NAMES = ("V", "act", "U")
 
@@ -82,8 +84,8 @@ class HeadParts:
 
     @property
     def spatial(self) -> bool:
-        """True when H has positions that are pooled after σ."""
-        return self.pool != "none"
+        """True when H has positions that are pooled after σ (channels first)."""
+        return self.pool == "avg"
 
     def hidden(self, x: Tensor) -> Tensor:
         """H = V(embed(x)): (B, h), or (B, h, *positions) for a spatial head."""
@@ -94,7 +96,7 @@ class HeadParts:
 
     def pooled(self, S: Tensor) -> Tensor:
         """Reduce σ(H) (B, h, *positions) to (B, h) by the head's pooling (dense: unchanged)."""
-        return S if self.pool == "none" else S.flatten(2).mean(-1)
+        return S.flatten(2).mean(-1) if self.pool == "avg" else S
 
     def from_hidden(self, H: Tensor) -> Tensor:
         """logits = U(pool(σ(H)))."""
