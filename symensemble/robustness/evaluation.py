@@ -77,13 +77,8 @@ def evaluate(
         progress: show a tqdm bar over the plan (rank 0 only).
         ensemble_factory: ``fn(model, calibration, *, transform, num_members, eps,
             samples_per_member, seed, aggregate, calibration_noise, resample_on_forward)
-            -> nn.Module``;
-            defaults to :class:`symensemble.SymmetryEnsemble`.
-        **options: :class:`EvalConfig` fields (protocol, n, eps, attack, steps, alpha,
-            transforms, num_members, ensemble_eps, aggregate, attack_aggregate, threat, seed,
-            device, batch_size, eot_iter, resample_members, samples_per_member,
-            calibration_noise, sanity, apgd_steps, restarts, transfer_steps, transfer_restarts,
-            square_queries, cascade).
+            -> nn.Module``; defaults to :class:`symensemble.SymmetryEnsemble`.
+        **options: :class:`EvalConfig` fields (the attacks' options included).
 
     Returns:
         An :class:`EvaluationResult` with records, probes, warnings, the config and the
@@ -102,12 +97,12 @@ def evaluate(
     dev = rank_device(config.device, info)
     with _caller_state(model, dev):
         setup = load_targets(model, data, config, dev, ensemble_factory)
-        subset = stratified_subset(setup.dataset.test.labels, config.n, config.seed)
-        x_all, y_all = split_tensors(setup.dataset.test, subset)
+        x_all, y_all = split_tensors(setup.dataset.test, stratified_subset(
+            setup.dataset.test.labels, config.n, config.seed))
         num_classes = _num_classes(setup.base, setup.dataset)
         units = plan(config, setup.targets)
-        runner = Runner(setup.targets[0], config, num_classes)
-        flags, seconds = run(units, runner, x_all, y_all, info, dev, progress)
+        flags, seconds = run(units, Runner(setup.targets[0], config, num_classes), x_all, y_all,
+                             info, dev, progress)
         records, probes, flag_map = _to_records(units, flags)
     warnings = sanity_checks(records, probes, num_classes=num_classes, config=config)
     for w in warnings:
