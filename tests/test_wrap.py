@@ -184,3 +184,23 @@ def test_block_mode_on_a_tiny_vit_mlp():
     with pytest.raises(ValueError, match="nn.Linear V and U"):
         SymmetryEnsemble.from_model(vit, cal, pool="block", hidden="blocks.1.mlp.act",
                                     classifier="blocks.1.mlp.fc2", act=torch.nn.GELU())
+
+
+def test_spatial_group_axioms_identity_element_and_seeds():
+    """eps = 0 draws g = I: every member is the model everywhere; the same seed gives the same
+    members, another seed others; float32 members agree with float64 ones to ~1e-3."""
+    model = _bn_from_data(TinyWRN(), _images(64, 16, 0))
+    cal, x = _images(2 * 64, 16, seed=1), _images(5, 16, seed=2)
+    flat = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=0.0, head_dtype=torch.float64)
+    assert flat.samples_per_member == 64  # the default s = 2C
+    with torch.no_grad():
+        ref = model(x)
+        assert _rel(flat.member_logits(x)[1], ref) <= 1e-5
+        a = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, seed=3)
+        b = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, seed=3)
+        c = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, seed=4)
+        assert a.head_dtype == torch.float32 and torch.equal(a.W, b.W) and not torch.equal(a.W, c.W)
+        d = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, seed=3, head_dtype=torch.float64)
+        assert _rel(a.member_logits(x), d.member_logits(x)) <= 1e-2
+    with pytest.raises(ValueError, match="spatial heads support .*'group'"):
+        SymmetryEnsemble.from_model(model, cal, num_members=2, transform="shuffle")
