@@ -64,9 +64,8 @@ def evaluate(
 
     Under ``torchrun``, inside :func:`symensemble.distributed.distributed` (the caller joins
     the process group), the batches are sharded across ranks and the per-image flags summed;
-    the records equal the single-process ones. The caller's state is left as it was: a model
-    passed as a module gets its train/eval mode back, and torch's global random state is
-    restored after the run, although the run reseeds it per batch.
+    the records equal the single-process ones (timings in the settings are this rank's). The
+    caller's model gets its train/eval mode back and torch's global random state is restored.
 
     Args:
         model: a model (images in [0, 1] → logits) or a checkpoint path / shipped name.
@@ -81,8 +80,7 @@ def evaluate(
         **options: :class:`EvalConfig` fields (the attacks' options included).
 
     Returns:
-        An :class:`EvaluationResult` with records, probes, warnings, the config and the
-        per-image flags. Timings in its settings are this rank's.
+        An :class:`EvaluationResult` (records, probes, warnings, config, per-image flags).
 
     Raises:
         ValueError: a bad option (the message names it and what was expected).
