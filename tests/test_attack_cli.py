@@ -338,3 +338,51 @@ def test_cifar_shipped_checkpoint_transfer_pattern(tmp_path):
     acc = {(r["transform"], r["threat"], r["eps"]): r["accuracy"] for r in records}
     assert acc[("original", "whitebox", 0.0)] > 0.45
     assert acc[("shuffle", "transfer", 0.0)] < 0.25  # near chance
+
+
+# ---------------------------------------------------------------------------------------------
+# --model SPEC: any classifier (issue 18)
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_args(tiny_world, out: Path, *extra: str) -> list[str]:
+    data, _ = tiny_world
+    return ["attack", "--data", str(data), "--n", "10", "--eps", "0,8/255", "--apgd-steps", "2",
+            "--transfer-steps", "2", "--no-sanity", "--no-figures", "--quiet", "--out", str(out),
+            *extra]
+
+
+def test_attack_a_model_given_by_a_factory_spec(tiny_world, tmp_path):
+    out = tmp_path / "factory"
+    result = run(*_model_args(tiny_world, out, "--model", "tests.test_foreign:tiny_cnn",
+                              "--num-classes", "10", "--normalize", "cifar10",
+                              "--transforms", "original"))
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["model_spec"] == "tests.test_foreign:tiny_cnn"
+    assert "| original | robust |" in result.output
+
+
+def test_attack_a_torchvision_model_with_weights(tiny_world, tmp_path):
+    import torchvision
+
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    out = tmp_path / "tv"
+    result = run(*_model_args(tiny_world, out, "--model", "torchvision:resnet18", "--weights",
+                              str(weights), "--num-classes", "10", "--transforms", "original"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["settings"]["model_spec"] == \
+        "torchvision:resnet18"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "tests.test_foreign:tiny_cnn", "--checkpoint", "paper_cnn"], "mutually exclusive"),
+    (["--num-classes", "10"], "only apply to --model"),
+    (["--model", "nonsense"], "expected 'timm:NAME'"),
+    (["--model", "tests.test_foreign:tiny_cnn", "--normalize", "sepia"], "normalization 'sepia'"),
+])
+def test_attack_model_spec_errors(tiny_world, tmp_path, extra, message):
+    result = run(*_model_args(tiny_world, tmp_path / "o", *extra))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

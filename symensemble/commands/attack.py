@@ -79,7 +79,7 @@ class RunOutput:
     card: ModelCard = field(default_factory=ModelCard)
 
 
-def _evaluate(config: EvalConfig, model: str, data: Path | None, *, quiet: bool, context: str = ""):
+def _evaluate(config: EvalConfig, model: Any, data: Path | None, *, quiet: bool, context: str = ""):
     """:func:`symensemble.evaluate` inside the torchrun process group, errors as click errors
     (:func:`~symensemble.commands.options.cli_errors`, prefixed with ``context``). Returns
     ``None`` on ranks other than 0."""
@@ -109,7 +109,7 @@ def _print_report(result: Any, comparison: str, written: dict[str, Path], folder
                + ", ".join(p.name for p in written.values()) + f" to {folder}")
 
 
-def run_and_report(config: EvalConfig, model: str, data: Path | None, output: RunOutput, *,
+def run_and_report(config: EvalConfig, model: Any, data: Path | None, output: RunOutput, *,
                    paper: dict[str, Any] | None = None, title: str | None = None,
                    context: str = "") -> None:
     """Check the output folder, evaluate, then (rank 0) print the tables and write the folder.
@@ -120,7 +120,7 @@ def run_and_report(config: EvalConfig, model: str, data: Path | None, output: Ru
 
     Args:
         config: the :class:`~symensemble.robustness.config.EvalConfig` to run.
-        model, data: checkpoint and data source.
+        model, data: checkpoint (name, path or a loaded module) and data source.
         output: where and how to report.
         paper: a recipe's ``[paper]`` table: also write and print comparison.md.
         title: the recipe's title (recorded in the settings and comparison.md).
@@ -136,6 +136,8 @@ def run_and_report(config: EvalConfig, model: str, data: Path | None, output: Ru
     if result is None:
         return
     result.settings["command"] = " ".join(shlex.quote(a) for a in ["symensemble", *sys.argv[1:]])
+    if getattr(model, "model_spec", None):
+        result.settings["model_spec"] = model.model_spec
     if title is not None:
         result.settings["recipe"] = {"path": context.rstrip(": "), "title": title}
     comparison = compare_with_paper(result, paper) if paper else ""
@@ -144,6 +146,28 @@ def run_and_report(config: EvalConfig, model: str, data: Path | None, output: Ru
         written = write_results(result, folder, figures=output.figures, extra=extra,
                                 overwrite=output.overwrite, card=output.card)
     _print_report(result, comparison, written, folder)
+
+
+def _model(checkpoint: str, spec: str | None, weights: Path | None, num_classes: int | None,
+           normalize: str | None, model_dir: Path | None) -> Any:
+    """The model to attack: the ``--checkpoint`` name or path, or the ``--model`` classifier
+    loaded by :func:`symensemble.models.foreign.load_foreign_model` (errors: exit code 2)."""
+    extras = {"--weights": weights, "--num-classes": num_classes, "--normalize": normalize,
+              "--model-dir": model_dir}
+    if spec is None:
+        given = [k for k, v in extras.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to --model SPEC; a "
+                                   "--checkpoint carries its own weights and normalization")
+        return checkpoint
+    source = click.get_current_context().get_parameter_source("checkpoint")
+    if source is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--model and --checkpoint are mutually exclusive: give one")
+    from ..models.foreign import load_foreign_model
+
+    with cli_errors(checkpoint="--model"):
+        return load_foreign_model(spec, weights=weights, num_classes=num_classes,
+                                  normalize=normalize, model_dir=model_dir)
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -164,6 +188,7 @@ def _with_clean(protocol: str | None, eps: list[float] | None) -> list[float] | 
 @click.command("attack", short_help="Robust accuracy of a model and its symmetry ensembles.")
 @click.option("--checkpoint", default="paper_cnn", show_default=True,
               help="Checkpoint .safetensors path or shipped name.")
+@opt.model_spec_options
 @opt.data_option("CIFAR-10 source: class-folder tree, .tar.gz, or torchvision root "
                  "[default: $SYMENSEMBLE_DATA or ~/.cache/symensemble].")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default=None,
@@ -222,7 +247,9 @@ def _with_clean(protocol: str | None, eps: list[float] | None) -> list[float] | 
 @opt.overwrite_option()
 @opt.model_card_options
 @opt.quiet_option("No progress bar.")
-def command(checkpoint: str, data: Path | None, protocol: str | None, n: int | None,
+def command(checkpoint: str, model: str | None, weights: Path | None, num_classes: int | None,
+            normalize: str | None, model_dir: Path | None, data: Path | None,
+            protocol: str | None, n: int | None,
             eps: list[float] | None, attacks: list[str] | None, steps: list[int] | None,
             alpha: float | None, threats: list[str] | None, transforms: list[str],
             num_members: list[int], ensemble_eps: list[float], aggregate: str,
@@ -257,6 +284,7 @@ def command(checkpoint: str, data: Path | None, protocol: str | None, n: int | N
             seed=seed, device=resolve_device(device), batch_size=batch_size,
             resample_members=resample_members, samples_per_member=samples_per_member,
             calibration_noise=calibration_noise, sanity=sanity))
+    target = _model(checkpoint, model, weights, num_classes, normalize, model_dir)
     card = ModelCard(name=model_name, link=link, authors=authors, venue=venue)
     output = RunOutput(out, figures=figures, quiet=quiet, overwrite=overwrite, card=card)
-    run_and_report(config, checkpoint, data, output)
+    run_and_report(config, target, data, output)

@@ -29,6 +29,7 @@ __all__ = [
     "device_option",
     "overwrite_option",
     "model_card_options",
+    "model_spec_options",
     "cli_errors",
     "resolve_device",
 ]
@@ -177,6 +178,27 @@ def model_card_options(fn: Callable) -> Callable:
                        ("--model-name", "name (also the file name model_info/cifar10/Linf/<Name>.json)")):
         fn = click.option(name, default=None,
                           help=f"RobustBench model-info {what} [default: marked unknown].")(fn)
+    return fn
+
+
+def model_spec_options(fn: Callable) -> Callable:
+    """``--model SPEC`` (any classifier, :func:`symensemble.models.foreign.load_foreign_model`),
+    ``--weights``, ``--num-classes``, ``--normalize``, ``--model-dir``."""
+    decls = [
+        ("--model-dir", dict(type=click.Path(file_okay=False, path_type=Path),
+                             help="robustbench: the local model_dir holding its checkpoints.")),
+        ("--normalize", dict(help="Input normalization the model expects, applied inside it so it "
+                                  "takes [0, 1] images: cifar10, imagenet, none or m,m,m/s,s,s "
+                                  "[default: none, the model normalizes itself].")),
+        ("--num-classes", dict(type=click.IntRange(min=1), help="Classes of the --model head.")),
+        ("--weights", dict(type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                           help="Weights of --model: .safetensors, or a .pt/.pth state dict "
+                                "(read with weights_only=True).")),
+        ("--model", dict(help="A classifier instead of --checkpoint: timm:NAME, torchvision:NAME, "
+                              "package.module:factory or robustbench:NAME.")),
+    ]
+    for name, kw in decls:
+        fn = click.option(name, default=None, **kw)(fn)
     return fn
 
 
