@@ -204,3 +204,15 @@ def test_spatial_group_axioms_identity_element_and_seeds():
         assert _rel(a.member_logits(x), d.member_logits(x)) <= 1e-2
     with pytest.raises(ValueError, match="spatial heads support .*'group'"):
         SymmetryEnsemble.from_model(model, cal, num_members=2, transform="shuffle")
+
+
+def test_inactive_channels_are_refused_with_the_fix():
+    model = _bn_from_data(TinyWRN(), _images(64, 16, 0))
+    with torch.no_grad():
+        model.bn1.bias.fill_(-10.0)  # Z ≈ -10·1: σ(g Z) has channels that are off on every image
+    cal = _images(64, 16, seed=1)
+    with pytest.raises(ValueError, match=r"member 0: pooled σ\(g_k Z\).*rank-deficient.*ridge="):
+        SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, samples_per_member=32)
+    ens = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, samples_per_member=32,
+                                      ridge=1e-12)
+    assert torch.isfinite(ens.W).all()

@@ -81,7 +81,15 @@ def spatial_group_draw(model: nn.Module, parts: HeadParts, images: Tensor, trans
             raise ValueError(f"member {k}: pooled σ(g_k Z) is not finite in {dtype} (eps={transform.eps:g} "
                              "too large for this head); use a smaller eps")
         cond[k] = condition_number(B)
-        W[k] = right_pinv_solve(U @ A, B, ridge=getattr(transform, "ridge", None))
+        ridge = getattr(transform, "ridge", None)
+        if ridge is None and not cond[k] <= transform.condition_limit:
+            raise ValueError(
+                f"member {k}: pooled σ(g_k Z) over its {samples} calibration images is rank-deficient "
+                f"(condition number {float(cond[k]):.3g}): some channels are inactive on every image "
+                "(an untrained network, or images unlike its training data); pass real training "
+                "images, a larger samples_per_member, or ridge=1e-12 for a regularized solve"
+            )
+        W[k] = right_pinv_solve(U @ A, B, ridge=ridge)
     if not bool(torch.isfinite(W).all()):
         raise ValueError("the spatial members' U_k are not finite; use a smaller eps")
     return MemberDraw(g, W, cond)
