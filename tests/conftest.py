@@ -84,6 +84,17 @@ def real_cifar_root() -> str | None:
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 
+TINY_RECIPE = ('model = "paper_cnn"\nhidden = 4\nmodel_kwargs = { channels = 2 }\n'
+               "batch_size = 8\nepochs = {epochs}\nval_size = 2\n")
+
+
+def write_tiny_recipe(folder: Path, epochs: int = 1, extra: str = "") -> Path:
+    """A seconds-long training recipe (paper_cnn, h = 4, 2 channels) at folder/tiny<epochs>.toml;
+    ``extra`` is appended (e.g. an ``[adversarial]`` table)."""
+    path = folder / f"tiny{epochs}.toml"
+    path.write_text(TINY_RECIPE.replace("{epochs}", str(epochs)) + extra)
+    return path
+
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic CIFAR-like world (learnable): the one generator for new tests. make_split above

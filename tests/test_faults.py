@@ -26,16 +26,11 @@ from symensemble.training import loop as train_mod
 from symensemble.training import metrics as metrics_mod
 from symensemble.training.recipe import Recipe
 
-from .conftest import real_cifar_root, write_image_tree
-
-TINY_RECIPE = ('model = "paper_cnn"\nhidden = 4\nmodel_kwargs = { channels = 2 }\n'
-               "batch_size = 8\nepochs = {epochs}\nval_size = 2\n")
+from .conftest import real_cifar_root, write_image_tree, write_tiny_recipe
 
 
 def _recipe(tmp_path: Path, epochs: int = 1, extra: str = "") -> Path:
-    path = tmp_path / f"tiny{epochs}.toml"
-    path.write_text(TINY_RECIPE.replace("{epochs}", str(epochs)) + extra)
-    return path
+    return write_tiny_recipe(tmp_path, epochs, extra)
 
 
 def _train_cli(*args: str):

@@ -23,17 +23,13 @@ from symensemble.training.loop import train
 from symensemble.training.recipe import Recipe
 from symensemble.training.state import log_path_for
 
-from .conftest import make_split, write_image_tree
+from .conftest import make_split, write_image_tree, write_tiny_recipe
 
 TINY = dict(hidden=4, model_kwargs={"channels": 2}, batch_size=16, eval_batch_size=64, lr=3e-3, val_size=0)
-TINY_TOML = ('model = "paper_cnn"\nhidden = 4\nmodel_kwargs = { channels = 2 }\n'
-             "batch_size = 8\nepochs = {epochs}\nval_size = 2\n")
 
 
 def _toml(tmp_path: Path, epochs: int = 1, extra: str = "") -> str:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML.replace("{epochs}", str(epochs)) + extra)
-    return str(path)
+    return str(write_tiny_recipe(tmp_path, epochs, extra))
 
 
 def _interrupted_run(data: CIFAR10, out: Path) -> Recipe:
