@@ -216,3 +216,19 @@ def test_inactive_channels_are_refused_with_the_fix():
     ens = SymmetryEnsemble.from_model(model, cal, num_members=2, eps=1.0, samples_per_member=32,
                                       ridge=1e-12)
     assert torch.isfinite(ens.W).all()
+
+
+def test_from_model_on_a_dense_head_is_the_dense_path():
+    """features → fc1 → LeakyReLU → fc2 located by the graph walk: no pooling, members exact at s = h."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 12), nn.Tanh(), nn.Linear(12, 6), nn.LeakyReLU(0.2),
+                        nn.Linear(6, 4)).double().eval()
+    cal = torch.rand(3 * 6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    spec = locate_head(net, cal)
+    assert (spec.hidden, spec.pool, spec.channels, spec.spatial) == ("3", "none", 6, ())
+    ens = SymmetryEnsemble.from_model(net, cal, num_members=3, eps=1.0, samples_per_member=6)
+    assert ens.head_dtype == torch.float64
+    with torch.no_grad():
+        for k in range(3):
+            own = cal[k * 6 : (k + 1) * 6]
+            assert _rel(ens.member_logits(own)[k], net(own)) <= 1e-8
