@@ -109,8 +109,9 @@ def test_attack_default_is_the_portfolio_with_a_per_attack_table(tiny_world, tmp
     assert result.exit_code == 0, result.output
     assert "**portfolio**" in result.output and "| original | robust |" in result.output
     assert "| group | robust |" in result.output
-    assert "| target | eps | clean | pgd-transfer | fgsm-transfer | apgd-ce | apgd-dlr | " \
-           "apgd-softvote | robust [95% CI] |" in result.output
+    # APGD-T and APGD-T on the soft vote joined the cascade with issue 19 (item 4)
+    assert "| target | eps | clean | pgd-transfer | fgsm-transfer | apgd-ce | apgd-dlr | apgd-t | " \
+           "apgd-softvote | apgd-t-softvote | robust [95% CI] |" in result.output
     payload = json.loads((out / "results.json").read_text())
     s = payload["settings"]
     assert s["protocol"] == "portfolio" and s["apgd_steps"] == 5 and s["attack"] is None

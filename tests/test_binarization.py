@@ -81,3 +81,21 @@ def test_checks_report_only_the_masked_target(images):
     warnings = binarization_checks(targets, images, flags, config)
     assert len(warnings) == 1 and warnings[0].startswith("[binarization] group (G=2")
     assert "eps=8/255" in warnings[0] and "failed 2 of 2" in warnings[0]
+
+
+def test_evaluate_runs_it_under_sanity_and_flags_a_masked_model():
+    import symensemble as se
+
+    from .conftest import synthetic_cifar, tiny_model
+
+    data = synthetic_cifar(n_train=100, n_test=30)
+    # h = 16 ≥ 10 classes: logits span all 10 dimensions, so the readout can separate (with
+    # h = 4 the logits lie in a 4-dimensional subspace and most tests are invalid)
+    masked = Quantized(tiny_model(data, hidden=16)).eval()
+    result = se.evaluate(masked, data, n=10, eps=[0.0, 8 / 255], transforms=["original"],
+                         apgd_steps=10, transfer_steps=5, batch_size=10, sanity=True)
+    assert any(w.startswith("[binarization] original at eps=8/255") for w in result.warnings), \
+        result.warnings
+    healthy = se.evaluate(tiny_model(data, hidden=16), data, n=10, eps=[0.0, 8 / 255], transforms=["original"],
+                          apgd_steps=10, transfer_steps=5, batch_size=10, sanity=True)
+    assert not any(w.startswith("[binarization]") for w in healthy.warnings), healthy.warnings

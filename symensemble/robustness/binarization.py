@@ -17,7 +17,9 @@ The same attack as the evaluation's (the portfolio's ``apgd-ce`` with its steps)
 every valid test it fails is a sign of a weak attack or masked gradients on that target, and
 :func:`binarization_checks` reports it as a ``[binarization]`` warning. A readout on the
 target's output rather than on penultimate features (the paper's choice) keeps the test the
-same for a single model and an ensemble of G heads.
+same for a single model and an ensemble of G heads; the price is a feature space of at most C
+dimensions (fewer when the head's width h < C), where the inner point more often falls inside
+the hull of the boundary points, and such tests are invalid (counted, not judged).
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ def binarization_checks(targets: Sequence[Any], x: Tensor, flags: dict[tuple, Te
 
     For each target, at the largest radius where the portfolio left images robust, up to
     ``per_target`` of those images (the first ones, in subset order) are tested with the
-    portfolio's ``apgd-ce`` (``config.apgd_steps``) on the target's attack view.
+    portfolio's ``apgd-ce`` (``config.apgd_steps``) on the target's attack view. Runs only for
+    the portfolio protocol with ``config.sanity`` (else returns []).
 
     Args:
         targets: the evaluation's :class:`~symensemble.robustness.records.Target` s.
@@ -168,6 +171,8 @@ def binarization_checks(targets: Sequence[Any], x: Tensor, flags: dict[tuple, Te
     """
     from .attacks import AggregateView
 
+    if not (config.sanity and config.protocol == "portfolio"):
+        return []
     attack = registry_attack("apgd-ce", steps=config.apgd_steps)
     warnings = []
     for t in targets:

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..distributed import DistInfo, current, rank_device
 from ..runtime import eval_mode, git_revision, versions
+from .binarization import binarization_checks
 from .config import EvalConfig
 from .plan import ROBUST, Kind, Role, Unit, plan
 from .records import WHITEBOX, WORST, EvaluationResult, Record, wilson_interval
@@ -102,7 +103,8 @@ def evaluate(
         flags, seconds = run(units, Runner(setup.targets[0], config, num_classes), x_all, y_all,
                              info, dev, progress)
         records, probes, flag_map = _to_records(units, flags)
-    warnings = sanity_checks(records, probes, num_classes=num_classes, config=config)
+        binarized = binarization_checks(setup.targets, x_all.to(dev), flag_map, config)
+    warnings = sanity_checks(records, probes, num_classes=num_classes, config=config) + binarized
     for w in warnings:
         log.warning("%s", w)
     context = _context(setup, config, units, seconds, y_all, num_classes, info)
