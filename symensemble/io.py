@@ -186,8 +186,9 @@ def _probe(out: Path, expected: str) -> None:
             raise NotADirectoryError(f"{str(place)!r} is a file")
         Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".check", dir=place)).rmdir()
     except OSError as err:
-        raise OutputError(f"cannot write the results to {str(out)!r}: {err.strerror or err}; "
-                          f"expected {expected}") from None
+        why = f"{str(place)!r} does not accept new files ({err.strerror})" if err.strerror else str(err)
+        raise OutputError(f"cannot write the results to {str(out)!r}: {why}; expected {expected}"
+                          ) from None
 
 
 @contextlib.contextmanager
