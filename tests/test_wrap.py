@@ -232,3 +232,35 @@ def test_from_model_on_a_dense_head_is_the_dense_path():
         for k in range(3):
             own = cal[k * 6 : (k + 1) * 6]
             assert _rel(ens.member_logits(own)[k], net(own)) <= 1e-8
+
+
+def test_locate_head_traces_through_the_input_normalization():
+    """load_foreign_model(..., normalize=...) puts Normalize in front of the network: torch.fx
+    traces through it (its shape check is skipped on proxies and still refuses bad input)."""
+    from symensemble.models.foreign import load_foreign_model
+
+    model = load_foreign_model("tests.test_foreign:tiny_cnn", num_classes=10, normalize="cifar10")
+    spec = locate_head(model, _images(4, 16, 0))
+    assert (spec.hidden, spec.act, spec.pool, spec.classifier, spec.channels) == (
+        "model.0", "model.1", "avg", "model.4", 8)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\)"):
+        model(torch.rand(2, 1, 16, 16))
+
+
+def test_hooked_output_clones_on_request_and_refuses_a_module_run_twice():
+    """The one forward-hook capture behind hidden=<submodule> and block mode (ensembles/block.py)."""
+    from symensemble.ensembles.block import hooked_output
+
+    lin, relu = nn.Linear(3, 3), nn.ReLU(inplace=True)
+    once = nn.Sequential(lin, relu)
+    x = torch.tensor([[1.0, -2.0, 3.0], [-1.0, 0.5, -0.5]])
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(3))
+        lin.bias.zero_()
+        kept = hooked_output(once, lin, x, clone=True, error=str)
+        raw = hooked_output(once, lin, x, clone=False, error=str)
+        torch.testing.assert_close(kept, lin(x), rtol=0, atol=0)  # the clone missed the in-place ReLU
+        assert (raw >= 0).all() and (lin(x) < 0).any()  # the raw capture is the very tensor ReLU overwrote
+    twice = nn.Sequential(lin, lin)
+    with pytest.raises(ValueError, match="^ran 2 times$"):
+        hooked_output(twice, lin, x, clone=False, error=lambda n: f"ran {n} times")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..symmetry.heads import HeadParts
 
-__all__ = ["block_parts", "run_block_members"]
+__all__ = ["block_parts", "hooked_output", "run_block_members"]
 
 
 class _Output(nn.Module):
@@ -32,16 +32,26 @@ class _Output(nn.Module):
         self.model, self.module, self.name = [model], [module], name
 
     def forward(self, x: Tensor) -> Tensor:
-        seen: list[Tensor] = []
-        handle = self.module[0].register_forward_hook(lambda m, i, out: seen.append(out))
-        try:
-            self.model[0](x)
-        finally:
-            handle.remove()
-        if len(seen) != 1:
-            raise ValueError(f"{self.name!r} ran {len(seen)} times in one forward; block mode needs a "
-                             "Linear called exactly once")
-        return seen[0]
+        return hooked_output(self.model[0], self.module[0], x, clone=False, error=lambda n: (
+            f"{self.name!r} ran {n} times in one forward; block mode needs a Linear called exactly once"))
+
+
+def hooked_output(model: nn.Module, module: nn.Module, x: Tensor, *, clone: bool,
+                  error: Callable[[int], str]) -> Tensor:
+    """The output of submodule ``module`` during one ``model(x)``, caught by a forward hook.
+
+    ``clone``: copy it (a later in-place op of the model must not change it). The hook must
+    fire exactly once; otherwise ``ValueError(error(times_it_fired))``.
+    """
+    seen: list[Tensor] = []
+    handle = module.register_forward_hook(lambda m, i, out: seen.append(out.clone() if clone else out))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(error(len(seen)))
+    return seen[0]
 
 
 def block_parts(model: nn.Module, V: str, act: Any, U: str) -> HeadParts:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..runtime import eval_mode
 from ..symmetry.heads import HeadParts
-from .block import block_parts
+from .block import block_parts, hooked_output
 from .calibration import image_batches, model_device
 from .wiring import check_parts
 
@@ -106,17 +106,9 @@ class _HookedOutput(nn.Module):
         self.model, self.name, self.module = [model], name, model.get_submodule(name)
 
     def forward(self, x: Tensor) -> Tensor:
-        seen: list[Tensor] = []
-        handle = self.module.register_forward_hook(lambda m, i, out: seen.append(out.clone()))
-        try:
-            self.model[0](x)
-        finally:
-            handle.remove()
-        if len(seen) != 1:
-            raise ValueError(f"hidden={self.name!r} ran {len(seen)} times in one forward (expected once: "
-                             "a module called twice, e.g. a shared ReLU, cannot mark Z); pass a graph "
-                             "node name")
-        return seen[0]
+        return hooked_output(self.model[0], self.module, x, clone=True, error=lambda n: (
+            f"hidden={self.name!r} ran {n} times in one forward (expected once: a module called "
+            "twice, e.g. a shared ReLU, cannot mark Z); pass a graph node name"))
 
 
 def _trace(model: nn.Module) -> tuple[Any, dict[Any, str]] | None:
