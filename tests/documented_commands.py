@@ -17,6 +17,9 @@ small, per subcommand, by overriding or appending options (:data:`SHRINK`):
 * ``q``: ``--steps`` 30; ``hessian`` on widths m, h, n = 3, 5, 2; ``distribution`` 2 samples
   of one small configuration;
   ``teleport`` with ``--samples 16``, ``--max-evals 2``, ``--lanczos-iters 2``;
+* ``attack --model SPEC --weights W``: a file ``W`` that does not exist is replaced by a state
+  dict of the spec's freshly built model (:func:`weights_for`); ``robustbench:`` specs skip when
+  the optional ``robustbench`` package is missing;
 * ``torchrun`` lines run with ``--nproc_per_node 1`` (2 ranks are tested by
   ``tests/test_distributed.py`` and ``tests/test_train_ddp.py``).
 
@@ -165,3 +168,21 @@ def shrink_recipe(args: list[str], folder: Path) -> list[str]:
     copy = folder / f"{name}.toml"
     copy.write_text(text)
     return [*args[:i], str(copy), *args[i + 1:]]
+
+
+def weights_for(args: list[str], folder: Path) -> list[str]:
+    """``--weights W`` of a ``--model`` spec: a missing ``W`` (a placeholder of the docs) becomes
+    the state dict of the spec's model as built (random weights), saved in ``folder``."""
+    if "--weights" not in args or "--model" not in args:
+        return args
+    path = Path(args[args.index("--weights") + 1]).expanduser()
+    if path.is_file():
+        return args
+    import torch
+
+    from symensemble.models.foreign import load_foreign_model
+
+    classes = int(args[args.index("--num-classes") + 1]) if "--num-classes" in args else None
+    model = load_foreign_model(args[args.index("--model") + 1], num_classes=classes)
+    torch.save(model.state_dict(), folder / "weights.pt")
+    return _set(args, "--weights", str(folder / "weights.pt"))
