@@ -261,10 +261,11 @@ def command(checkpoint: str, model: str | None, weights: Path | None, num_classe
     """Attack the base model and its symmetry ensembles; print and save accuracy tables.
 
     By default every radius runs the attack portfolio: an image counts as robust only if it
-    survives PGD and FGSM transferred from the base model, then APGD-CE, APGD-DLR and APGD on a
-    soft-vote surrogate on each target's own output (a cascade: each attack only tries the
-    images still robust). `--protocol paper` runs the paper's transfer-FGSM grid
-    (Figure 11) with `transfer` and `adaptive` threat models. Writes results.json,
+    survives PGD and FGSM transferred from the base model, then APGD-CE, APGD-DLR, APGD-T and
+    APGD (and APGD-T) on a soft-vote surrogate on each target's own output (a cascade: each
+    attack only tries the images still robust; with --sanity the binarization test checks the
+    attack can find adversarial examples that surely exist). `--protocol paper` runs the
+    paper's transfer-FGSM grid (Figure 11) with `transfer` and `adaptive` threat models. Writes results.json,
     results.csv, table.md and figures to --out (refused when it holds files, unless
     --overwrite); `--protocol autoattack` adds RobustBench's model_info/cifar10/Linf/<Name>.json.
 
