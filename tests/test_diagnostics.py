@@ -219,34 +219,32 @@ def test_sigma_derivatives_closed_forms_and_autograd_fallback():
         dsigma(create_activation("radial"), z.view(1, -1))
 
 
+def _trace_checked_against_dense(act, shape, n, gen):
+    """A random head of ``shape``, n inputs and labels, after asserting that the exact head
+    Hessian trace equals the trace of the dense Hessian of the cross-entropy."""
+    params = StackParams.random(shape, generator=gen)
+    X = torch.randn(n, shape[0], generator=gen, dtype=F64)
+    y = torch.randint(0, shape[-1], (n,), generator=gen)
+
+    def loss(flat):
+        return F.cross_entropy(stack_forward(params.unflatten(flat), [act], X), y)
+
+    H = full_hessian(loss, params.flatten())
+    assert math.isclose(head_hessian_trace(params, act, X, y), float(H.trace()), rel_tol=1e-10)
+    return params, X, y
+
+
 def test_exact_head_hessian_trace_for_curved_activations():
     gen = torch.Generator().manual_seed(5)
     for act_name in ("sigmoid", "relu_sqr"):  # sigma'' != 0; relu_sqr takes the autograd path
-        act = create_activation(act_name)
-        params = StackParams.random((6, 3, 3), generator=gen)
-        X = torch.randn(12, 6, generator=gen, dtype=F64)
-        y = torch.randint(0, 3, (12,), generator=gen)
-
-        def loss(flat, params=params, act=act, X=X, y=y):
-            return F.cross_entropy(stack_forward(params.unflatten(flat), [act], X), y)
-
-        H = full_hessian(loss, params.flatten())
-        assert math.isclose(head_hessian_trace(params, act, X, y), float(H.trace()), rel_tol=1e-10)
+        _trace_checked_against_dense(create_activation(act_name), (6, 3, 3), 12, gen)
 
 
 def test_exact_head_hessian_trace_matches_dense_and_scales_as_predicted():
     gen = torch.Generator().manual_seed(4)
     for act_name in ("leaky_relu", "identity", "tanh"):
         act = create_activation(act_name)
-        params = StackParams.random((7, 4, 3), generator=gen)
-        X = torch.randn(15, 7, generator=gen, dtype=F64)
-        y = torch.randint(0, 3, (15,), generator=gen)
-
-        def loss(flat, params=params, act=act, X=X, y=y):
-            return F.cross_entropy(stack_forward(params.unflatten(flat), [act], X), y)
-
-        H = full_hessian(loss, params.flatten())
-        assert math.isclose(head_hessian_trace(params, act, X, y), float(H.trace()), rel_tol=1e-10)
+        params, X, y = _trace_checked_against_dense(act, (7, 4, 3), 15, gen)
         small, Xs = reduce_features(params, X[:5])
         assert Xs.shape == (5, 5)
         assert math.isclose(

@@ -425,12 +425,15 @@ def test_pi_matrix_least_squares_when_s_exceeds_h():
     torch.testing.assert_close(pi, B @ torch.linalg.pinv(A), atol=1e-10, rtol=0)
 
 
-def test_pi_matrix_rank_deficient_and_ridge():
-    h = 6
-    sigma = create_activation("leaky_relu")
-    H = randn(3, h, h, seed=120)
+def _singular_at_batch_one(seed, h=6):
+    """σ = leaky ReLU, H (3, h, h) whose batch entry 1 repeats a sample (σ(gH) singular), g."""
+    H = randn(3, h, h, seed=seed)
     H[1, :, 3] = H[1, :, 2]  # duplicated sample → σ(gH) singular
-    g = random_g(3, h=h, seed=121)
+    return create_activation("leaky_relu"), H, random_g(3, h=h, seed=seed + 1)
+
+
+def test_pi_matrix_rank_deficient_and_ridge():
+    sigma, H, g = _singular_at_batch_one(120)
     with pytest.raises(ValueError, match=r"rank-deficient at batch index \(1,\).*condition number"):
         pi_matrix(g, H, sigma)
     sol = pi_matrix(g, H, sigma, ridge=1e-12)
@@ -467,10 +470,7 @@ def test_right_pinv_solve_rank_deficient_gives_the_minimum_norm_solution(shape):
 
 def test_pi_matrix_reports_rank_deficiency_but_stays_finite_without_a_limit():
     h = 6
-    sigma = create_activation("leaky_relu")
-    H = randn(3, h, h, seed=150)
-    H[1, :, 3] = H[1, :, 2]  # duplicated sample → σ(gH) singular
-    g = random_g(3, h=h, seed=151)
+    sigma, H, g = _singular_at_batch_one(150, h)
     U = randn(2, h, seed=152)
     sol = pi_matrix(g, H, sigma, U=U, max_condition=math.inf)
     assert torch.isfinite(sol.pi).all() and torch.isfinite(sol.upper).all()

@@ -19,10 +19,11 @@ the orbit tangent, e.g. 700 of the 750 eigenvalues for (n, h, m) = (5, 50, 10).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -53,15 +54,22 @@ log = logging.getLogger(__name__)
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
+@contextlib.contextmanager
+def _quiet_jit_script() -> Iterator[None]:
+    """torch.func's hessian/jvp call the deprecated torch.jit.script internally (torch >= 2.10):
+    its FutureWarning says nothing about our code, so it is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
+
+
 def full_hessian(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """∇²L(x) of a scalar function of a flat vector, through ``torch.func.hessian``.
 
     Shape:
         x (d,) → (d, d), symmetrized.
     """
-    with warnings.catch_warnings():
-        # torch.func.hessian calls the deprecated torch.jit.script internally (torch >= 2.10)
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    with _quiet_jit_script():
         H = torch.func.hessian(loss)(x)
     return 0.5 * (H + H.T)
 
@@ -71,8 +79,7 @@ def hvp_fn(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Mat
     grad = torch.func.grad(loss)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        with _quiet_jit_script():
             return torch.func.jvp(grad, (x,), (v,))[1]
 
     return matvec
