@@ -59,7 +59,7 @@ class TransferPGD(GridAttack):
     restarts = Option(1, "Portfolio: PGD restarts crafted on the base model.",
                       field="transfer_restarts", minimum=1)
 
-    def craft(self, model, x, y, *, eps, seed, stochastic, generator):
+    def craft(self, model, x, y, *, eps, seed, stochastic, generator, judge):
         out = []
         grid = PGD(steps=self.steps, alpha=default_alpha(eps, self.steps), eot_iter=self.eot_iter)
         for r in range(self.restarts):

@@ -31,7 +31,7 @@ class Square(Attack):
     def enabled(self) -> bool:
         return self.queries > 0
 
-    def craft(self, model, x, y, *, eps, seed, stochastic, generator):
+    def craft(self, model, x, y, *, eps, seed, stochastic, generator, judge):
         torch.manual_seed(seed % (2**63))
         view = AggregateView.of(model, self.attack_aggregate)
         attack = torchattacks.Square(view, norm="Linf", eps=eps, n_queries=self.queries,

@@ -71,7 +71,7 @@ class TrainingPGD(Attack):
     def step_size(self, eps: float) -> float:
         return 2.5 * eps / self.steps if self.alpha is None else float(self.alpha)
 
-    def craft(self, model, x, y, *, eps, seed, stochastic, generator):
+    def craft(self, model, x, y, *, eps, seed, stochastic, generator, judge):
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
         return [pgd_steps(model, x, y, eps=eps, alpha=self.step_size(eps), steps=self.steps,
