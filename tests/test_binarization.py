@@ -96,6 +96,7 @@ def test_evaluate_runs_it_under_sanity_and_flags_a_masked_model():
                          apgd_steps=10, transfer_steps=5, batch_size=10, sanity=True)
     assert any(w.startswith("[binarization] original at eps=8/255") for w in result.warnings), \
         result.warnings
-    healthy = se.evaluate(tiny_model(data, hidden=16), data, n=10, eps=[0.0, 8 / 255], transforms=["original"],
-                          apgd_steps=10, transfer_steps=5, batch_size=10, sanity=True)
+    healthy = se.evaluate(tiny_model(data, hidden=16), data, n=10, eps=[0.0, 8 / 255],
+                          transforms=["original"], apgd_steps=10, transfer_steps=5, batch_size=10,
+                          sanity=True)
     assert not any(w.startswith("[binarization]") for w in healthy.warnings), healthy.warnings
