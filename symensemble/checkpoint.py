@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from . import __version__
 from .io import atomic_write_bytes, atomic_write_text
 from .models import SymModel, create_model, list_models
-from .runtime import git_revision
+from .runtime import PACKAGE_ROOT, git_revision
 from .symmetry.activations import list_activations
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
 FORMAT = "symensemble-checkpoint"
 FORMAT_VERSION = "1"
 TRAIN_STATE_PREFIX = "train_state/"
-_PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 class CheckpointError(ValueError):
@@ -161,7 +160,7 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
         return candidate
     name = str(path_or_name)
     if candidate.suffix == "" and os.sep not in name:
-        folders = [os.environ.get("SYMENSEMBLE_CHECKPOINTS"), _PACKAGE_ROOT.parent / "checkpoints",
+        folders = [os.environ.get("SYMENSEMBLE_CHECKPOINTS"), PACKAGE_ROOT.parent / "checkpoints",
                    Path.cwd() / "checkpoints"]
         for folder in folders:
             if folder and (Path(folder) / f"{name}.safetensors").is_file():

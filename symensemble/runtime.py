@@ -33,9 +33,12 @@ __all__ = [
     "git_revision",
     "versions",
     "provenance",
+    "PACKAGE_ROOT",
 ]
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent
+#: The package folder. In a source checkout (editable install) its parent is the repository,
+#: which holds the shipped ``checkpoints/`` and ``recipes/``; git runs there for provenance.
+PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -169,7 +172,7 @@ def git_revision() -> str:
     uncommitted changes to tracked files, or ``"unknown"`` outside a git checkout."""
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=_PACKAGE_ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=PACKAGE_ROOT, capture_output=True, text=True,
                               timeout=5, check=True).stdout.strip()
 
     try:

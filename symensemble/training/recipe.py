@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import list_models
+from ..runtime import PACKAGE_ROOT
 from ..symmetry.activations import list_activations
 from .adversarial import AdversarialConfig
 
@@ -218,7 +219,7 @@ def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
     candidate = Path(path_or_name).expanduser()
     if candidate.is_file():
         return candidate
-    folders = [Path(__file__).resolve().parents[2] / "recipes", Path.cwd() / "recipes"]  # repo/recipes
+    folders = [PACKAGE_ROOT.parent / "recipes", Path.cwd() / "recipes"]  # the repository's recipes/
     name = candidate.name if candidate.suffix == ".toml" else f"{candidate.name}.toml"
     for folder in folders:
         if (folder / name).is_file():
