@@ -392,3 +392,28 @@ def test_attack_aggregate_selects_the_differentiated_output(world, monkeypatch):
     assert set(seen) == {"logit_mean"}
     with pytest.raises(ValueError, match="attack_aggregate"):
         evaluate(model, data, attack_aggregate="vote", **kw)
+
+
+def test_a_plain_module_gets_its_ensembles_through_the_located_head():
+    """No SymHead: s defaults to 2C of the head locate_head finds, and from_model builds it."""
+    data = synthetic_cifar()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    result = evaluate(plain, data, **small(n=10, num_members=2, eps=[0.0], batch_size=10,
+                                           transforms=[ORIGINAL, "group"]))
+    assert result.settings["calibration"]["samples_per_member"] == 2 * 8
+    assert {r.transform for r in result.records} == {ORIGINAL, "group"}
+    assert type(se.build_ensemble(plain, data, num_members=2)).__name__ == "SymmetryEnsemble"
+
+
+def test_an_ensemble_too_large_for_memory_is_refused_before_any_draw(world, monkeypatch):
+    model, data = world
+    import symensemble.robustness.targets as targets
+
+    def no_draw(*args, **kw):
+        raise AssertionError("calibration images drawn before the memory check")
+
+    monkeypatch.setattr(targets, "calibration_images", no_draw)
+    with pytest.raises(ValueError, match="memory"):
+        evaluate(model, data, **small(num_members=10**7, transforms=[ORIGINAL, "group"]))

@@ -126,25 +126,60 @@ def calibration_images(dataset: Any, count: int, seed: int, device: torch.device
     return split_tensors(dataset.train, index)[0].to(device)
 
 
+def _has_symhead(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "head", None), "hidden_features", 0))
+
+
 def _default_factory(model: nn.Module, calibration: torch.Tensor, **kw: Any) -> nn.Module:
+    """A :class:`SymmetryEnsemble`; for a model without a ``SymHead`` (any classifier ending
+    in Z → σ → pooling → Linear) the one :meth:`SymmetryEnsemble.from_model` locates."""
     from ..ensembles.ensemble import SymmetryEnsemble
 
-    return SymmetryEnsemble(model, calibration, **kw)
+    if _has_symhead(model):
+        return SymmetryEnsemble(model, calibration, **kw)
+    return SymmetryEnsemble.from_model(model, calibration, **kw)
 
 
-def _samples_per_member(base: nn.Module, config: EvalConfig, n_train: int) -> int:
-    """``config.samples_per_member``, else the ensemble default (2h); at most the training split."""
+def _head_width(base: nn.Module, dataset: Any) -> int:
+    """h of a SymHead, else the channel count C that :func:`locate_head` finds (0: unknown)."""
+    if _has_symhead(base):
+        return int(base.head.hidden_features)
+    from ..ensembles.locate import locate_head
+
+    try:
+        example = split_tensors(dataset.train, torch.arange(min(8, len(dataset.train.labels))))[0]
+        return int(locate_head(base, example.to(next(base.parameters()).device)).channels)
+    except (ValueError, RuntimeError, StopIteration):
+        return 0
+
+
+def _samples_per_member(base: nn.Module, config: EvalConfig, dataset: Any) -> int:
+    """``config.samples_per_member``, else the ensemble default (2h, or 2C for a located head);
+    at most the training split."""
     from ..ensembles.ensemble import default_samples_per_member
 
-    head = getattr(base, "head", None)
-    hidden = int(getattr(head, "hidden_features", 0) or 0)
+    n_train = len(dataset.train.labels)
+    hidden = 0 if config.samples_per_member is not None else _head_width(base, dataset)
     if config.samples_per_member is None and not hidden:
-        raise ValueError("samples_per_member is needed: the model has no head.hidden_features")
+        raise ValueError("samples_per_member is needed: the model has no head.hidden_features "
+                         "and no head Z → σ → pooling → Linear could be located")
     spm = config.samples_per_member or default_samples_per_member(hidden)
     if spm > n_train:
         raise ValueError(f"samples_per_member={spm} calibration images per member, but the "
                          f"training split has only {n_train}; pass a smaller samples_per_member")
     return spm
+
+
+def _check_memory(base: nn.Module, config: EvalConfig, spm: int, dataset: Any) -> None:
+    """Refuse, before drawing anything, an ensemble that cannot fit (one estimator: runtime)."""
+    from ..runtime import ensemble_memory, require_memory
+
+    hidden = int(getattr(getattr(base, "head", None), "hidden_features", 0) or spm // 2 or 1)
+    classes = len(getattr(dataset, "classes", ()) or ()) or 10
+    g = max(config.num_members)
+    need = ensemble_memory(g, spm, hidden, classes, image_bytes=4 * 3 * 32 * 32)["total"]
+    require_memory(need, f"an ensemble of {g} members with {spm} calibration images each",
+                   "pass a smaller num_members or samples_per_member")
 
 
 def build_targets(base: nn.Module, dataset: Any, config: EvalConfig, device: torch.device,
@@ -167,7 +202,8 @@ def build_targets(base: nn.Module, dataset: Any, config: EvalConfig, device: tor
     targets = [Target(ORIGINAL, base)]
     if not config.ensemble_transforms:
         return targets, {"split": "train", "count": 0}
-    spm = _samples_per_member(base, config, len(dataset.train.labels))
+    spm = _samples_per_member(base, config, dataset)
+    _check_memory(base, config, spm, dataset)
     need = max(config.num_members) * spm
     calibration = calibration_images(dataset, need, config.seed, device)
     make = factory or _default_factory
