@@ -36,6 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
+#: README's wrapped-model command (a resnet18: its default s = 2C does not fit the test tree).
+_WRAP = ("symensemble attack --model torchvision:resnet18 --weights resnet18_cifar10.safetensors "
+         "--num-classes 10 --normalize cifar10 --transforms original,group --num-members 40 "
+         "--ensemble-eps 1")
 #: Documented lines in pseudo-syntax → the real commands they stand for.
 EXPAND: dict[str, list[str]] = {
     "symensemble train --recipe recipes/paper_cnn.toml [--data PATH] [--epochs N] [--seed S]":
@@ -45,6 +49,8 @@ EXPAND: dict[str, list[str]] = {
          "symensemble q convergence --kind radial", "symensemble q hessian"],
     "symensemble q teleport paper_cnn --unit-targets 1,2,...,16":
         ["symensemble q teleport paper_cnn --unit-targets " + ",".join(map(str, range(1, 17)))],
+    # s = 2C = 1024 calibration images per member exceed the 300-image tree: 16 each (s ≤ C)
+    _WRAP: [_WRAP + " --samples-per-member 16"],
 }
 #: Lines of code blocks that look like commands but are diagrams (docs/architecture.md).
 NOT_COMMANDS = ("→", " commands/")
