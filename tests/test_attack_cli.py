@@ -357,11 +357,11 @@ def test_attack_a_model_given_by_a_factory_spec(tiny_world, tmp_path):
     out = tmp_path / "factory"
     result = run(*_model_args(tiny_world, out, "--model", "tests.test_foreign:tiny_cnn",
                               "--num-classes", "10", "--normalize", "cifar10",
-                              "--transforms", "original"))
+                              "--transforms", "original,group", "--num-members", "4"))
     assert result.exit_code == 0, result.output
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["model_spec"] == "tests.test_foreign:tiny_cnn"
-    assert "| original | robust |" in result.output
+    assert "| original | robust |" in result.output and "| group | robust |" in result.output
 
 
 def test_attack_a_torchvision_model_with_weights(tiny_world, tmp_path):
@@ -371,10 +371,12 @@ def test_attack_a_torchvision_model_with_weights(tiny_world, tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
     out = tmp_path / "tv"
     result = run(*_model_args(tiny_world, out, "--model", "torchvision:resnet18", "--weights",
-                              str(weights), "--num-classes", "10", "--transforms", "original"))
+                              str(weights), "--num-classes", "10", "--transforms", "original,group",
+                              "--num-members", "4", "--samples-per-member", "16"))
     assert result.exit_code == 0, result.output
     assert json.loads((out / "results.json").read_text())["settings"]["model_spec"] == \
         "torchvision:resnet18"
+    assert "| group | robust |" in result.output
 
 
 @pytest.mark.parametrize("extra, message", [
